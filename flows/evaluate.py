@@ -1,0 +1,65 @@
+"""Flow: retrieval evaluation of one or more models (and BM25) on a BEIR folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.corpus import read_beir_task
+from tasks.evaluate import (
+    EvalReport,
+    evaluate_bm25_task,
+    evaluate_model_task,
+    markdown_table,
+    publish_markdown,
+    save_reports,
+)
+
+DEFAULT_WORKSPACE = Path("adapt-workspace")
+
+
+class EvaluateConfig(BaseModel):
+    """Settings of `adapt evaluate` and of the `evaluate` flow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+    split: str = Field("test", description="which qrels/<split>.tsv to evaluate on")
+    models: list[str] = Field(
+        default_factory=lambda: ["all-MiniLM-L6-v2"],
+        description="sentence-transformers models: local directories, bundled names or hub ids",
+    )
+    bm25: bool = Field(True, description="also evaluate a BM25 baseline (bm25s, k1=0.9, b=0.4)")
+    top_k: int = Field(100, ge=10, le=10000, description="hits retrieved per query")
+    batch_size: int = Field(64, ge=1, description="encoding batch size")
+    max_seq_length: int = Field(256, ge=8, le=8192, description="tokens per passage kept by the encoder")
+    workspace: Path = Field(DEFAULT_WORKSPACE, description="folder for run outputs")
+    output: Path | None = Field(None, description="JSON report path; none means <workspace>/reports/evaluate-<time>.json")
+
+
+@flow(name="evaluate", description="Retrieval metrics of models (and BM25) on a BEIR folder.")
+def evaluate_flow(config: EvaluateConfig) -> dict:
+    """Evaluate every model (and BM25), save the reports as JSON, publish a markdown artifact."""
+    logger = get_run_logger()
+    data = read_beir_task(config.data, split=config.split)
+    logger.info("%s [%s]: %d queries, %d documents", data.folder, data.split, len(data.queries), len(data.corpus))
+    reports: list[EvalReport] = [
+        evaluate_model_task(name, data, top_k=config.top_k, batch_size=config.batch_size,
+                            max_seq_length=config.max_seq_length)
+        for name in config.models
+    ]
+    if config.bm25:
+        reports.append(evaluate_bm25_task(data, top_k=config.top_k))
+    output = config.output or config.workspace / "reports" / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = save_reports(reports, output)
+    publish_markdown(
+        f"# Retrieval evaluation\n\n{data.folder} [{data.split}]: {len(data.queries)} queries, "
+        f"{len(data.corpus)} documents\n\n{markdown_table(reports)}\n\nReport: `{path}`",
+        key="retrieval-evaluation",
+        description="metrics per system",
+    )
+    logger.info("report written to %s", path)
+    return {"report": str(path), "reports": [r.to_dict() for r in reports]}
