@@ -45,6 +45,11 @@ def tiny_cross_encoder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return tiny_models.build_tiny_t5(tmp_path_factory.mktemp("models") / "tiny-t5")
+
+
+@pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One Prefect test server (SQLite in a temp dir) for every test that runs a flow."""
     from prefect.testing.utilities import prefect_test_harness

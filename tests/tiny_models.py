@@ -62,3 +62,16 @@ def build_tiny_cross_encoder(target: Path, seed: int = 0) -> Path:
     BertForSequenceClassification(tiny_bert_config(num_labels=1)).save_pretrained(target, safe_serialization=True)
     copy_bert_tokenizer(target)
     return target
+
+
+def build_tiny_t5(target: Path, seed: int = 0) -> Path:
+    """A doc2query-shaped seq2seq model: tiny random T5 with the BERT tokenizer ([PAD]=0, [SEP] ends)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+                      pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(target, safe_serialization=True)
+    copy_bert_tokenizer(target)
+    return target

@@ -1,0 +1,299 @@
+"""Bi-encoder distillation with MarginMSE (GPL's training step), on sentence-transformers' trainer.
+
+Input: rows of (query, positive, negative_1..n) texts with the teacher's margins
+``score(q, pos) - score(q, neg_i)``; output: a sentence-transformers model directory.
+
+The teacher's margins live on the teacher's scale (cross-encoder logits, or z-scores for the
+offline teacher) while a normalised bi-encoder's scores are cosines; ``label_scale`` maps one
+onto the other. Left unset, it is fitted on the data before training (least squares of the
+student's initial margins on the teacher's), so the loss asks the student to re-rank, not to
+blow up its score range.
+
+Checkpoints are written every ``save_steps``; a rerun with the same output directory resumes from
+the last one. A held-out slice of the rows gives an evaluation loss during training, and the
+loss curve is returned (and plotted by the caller).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks import _env  # noqa: F401
+from tasks.store import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    """MarginMSE training settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(1.0, gt=0, description="passes over the training rows (ignored when max-steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    time_budget_minutes: float | None = Field(None, gt=0, description="stop (and keep the model) after this many "
+                                                                       "minutes of training")
+    batch_size: int = Field(16, ge=1, description="queries per optimizer step (each with its negatives)")
+    negatives_per_query: int = Field(4, ge=1, le=64, description="negatives per query in one training row")
+    learning_rate: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warm-up")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    max_seq_length: int = Field(256, ge=8, le=8192, description="tokens kept per passage in training")
+    label_scale: float | None = Field(None, gt=0, description="multiplier from teacher margins to student cosine "
+                                                              "margins (none: fitted on the data)")
+    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of query rows held out for the eval loss")
+    eval_steps: int = Field(50, ge=1, description="evaluate the held-out loss every this many steps")
+    save_steps: int = Field(50, ge=1, description="checkpoint every this many steps (a rerun resumes there)")
+    logging_steps: int = Field(10, ge=1, description="record the training loss every this many steps")
+    seed: int = Field(13, description="random seed")
+
+
+@dataclass
+class TrainingRows:
+    """Training rows: per query, its text, the positive passage, negatives and teacher margins."""
+
+    queries: list[str]
+    positives: list[str]
+    negatives: list[list[str]]
+    margins: list[list[float]]
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    seconds: float
+    label_scale: float
+    train_rows: int
+    eval_rows: int
+    resumed_from: str | None
+    stopped_early: str | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def loss_series(self) -> dict[str, list[tuple[float, float]]]:
+        train = [(h["step"], h["loss"]) for h in self.history if "loss" in h]
+        evaluation = [(h["step"], h["eval_loss"]) for h in self.history if "eval_loss" in h]
+        return {"train loss": train, "held-out loss": evaluation}
+
+
+def fit_label_scale(student_margins: np.ndarray, teacher_margins: np.ndarray) -> float:
+    """Least-squares slope (through 0) of the student's margins on the teacher's."""
+    teacher = np.asarray(teacher_margins, dtype=np.float64).ravel()
+    student = np.asarray(student_margins, dtype=np.float64).ravel()
+    denominator = float(teacher @ teacher)
+    if denominator <= 0:
+        return 1.0
+    scale = float(student @ teacher) / denominator
+    return scale if scale > 0 else 1.0
+
+
+def _to_dataset(rows: TrainingRows, indices: Sequence[int], negatives: int, scale: float):
+    from datasets import Dataset
+
+    columns: dict[str, list[Any]] = {"query": [], "positive": []}
+    for j in range(negatives):
+        columns[f"negative_{j + 1}"] = []
+    columns["label"] = []
+    for i in indices:
+        negs = rows.negatives[i][:negatives]
+        margins = rows.margins[i][:negatives]
+        if len(negs) < negatives:  # pad by repeating: every row needs the same width
+            reps = math.ceil(negatives / len(negs))
+            negs, margins = (negs * reps)[:negatives], (margins * reps)[:negatives]
+        columns["query"].append(rows.queries[i])
+        columns["positive"].append(rows.positives[i])
+        for j in range(negatives):
+            columns[f"negative_{j + 1}"].append(negs[j])
+        columns["label"].append([float(m) * scale for m in margins])
+    return Dataset.from_dict(columns)
+
+
+class _TimeBudget:
+    """Trainer callback: stop after a wall-clock budget (the model so far is kept)."""
+
+    def __init__(self, minutes: float | None):
+        self.deadline = time.time() + minutes * 60 if minutes else None
+        self.hit = False
+
+    def make(self):
+        from transformers import TrainerCallback
+
+        budget = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if budget.deadline and time.time() > budget.deadline:
+                    budget.hit = True
+                    control.should_training_stop = True
+                    control.should_save = True
+                return control
+
+        return Callback()
+
+
+class _Progress:
+    """Trainer callback: report (step, total steps) to the caller."""
+
+    def __init__(self, report: Callable[[int, int], None] | None):
+        self.report = report
+
+    def make(self):
+        from transformers import TrainerCallback
+
+        report = self.report
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if report:
+                    report(state.global_step, state.max_steps)
+                return control
+
+        return Callback()
+
+
+def train_marginmse(
+    base_model: Any,
+    rows: TrainingRows,
+    config: TrainConfig,
+    output_dir: str | Path,
+    *,
+    student_margins: Callable[[TrainingRows, list[int]], np.ndarray] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train ``base_model`` (a model name/dir or a loaded SentenceTransformer) on ``rows``.
+
+    ``output_dir`` holds ``checkpoints/`` (resumable) and, when done, ``model/``.
+    ``student_margins(rows, indices)`` gives the initial student's margins for fitting
+    ``label_scale`` when it is not set (a cheap path through cached embeddings); without it
+    the student encodes a sample of rows itself.
+    """
+    import torch
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer.losses import MarginMSELoss
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from tasks.models import load_sentence_transformer
+
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 training rows, got {len(rows)}")
+    output_dir = Path(output_dir)
+    final_dir = output_dir / "model"
+    done = output_dir / "result.json"
+    if done.is_file() and final_dir.is_dir():  # finished before: a rerun does no work
+        saved = json.loads(done.read_text())
+        log.info("training already finished in %s; reusing it", output_dir)
+        return TrainResult(**{**saved, "model_dir": final_dir})
+    checkpoints = output_dir / "checkpoints"
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(rows)).tolist()
+    n_eval = int(round(len(rows) * config.eval_fraction)) if config.eval_fraction else 0
+    n_eval = min(n_eval, len(rows) - 1)
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+
+    model = base_model if isinstance(base_model, SentenceTransformer) else load_sentence_transformer(base_model)
+    model.max_seq_length = config.max_seq_length
+    scale = config.label_scale or _fit_scale(model, rows, train_idx, student_margins, rng)
+    log.info("label scale (teacher margin -> student cosine margin): %.5f", scale)
+    width = config.negatives_per_query
+    train_set = _to_dataset(rows, train_idx, width, scale)
+    eval_set = _to_dataset(rows, eval_idx, width, scale) if eval_idx else None
+
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / config.batch_size))
+    max_steps = config.max_steps or max(1, int(round(steps_per_epoch * config.epochs)))
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=int(round(config.warmup_ratio * max_steps)),
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        seed=config.seed,
+        data_seed=config.seed,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if eval_set is not None else "no",
+        eval_steps=config.eval_steps,
+        logging_steps=config.logging_steps,
+        report_to=[],
+        disable_tqdm=progress is not None,
+        use_cpu=True,
+        fp16=False,
+        bf16=False,
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+    budget = _TimeBudget(config.time_budget_minutes)
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        loss=MarginMSELoss(model),
+        callbacks=[budget.make(), _Progress(progress).make()],
+    )
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if resume:
+        log.info("resuming training from %s", resume)
+    start = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.time() - start
+    staging = output_dir / ".model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save(str(staging))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    staging.rename(final_dir)
+    history = [{k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
+               for entry in trainer.state.log_history]
+    result = TrainResult(
+        model_dir=final_dir,
+        steps=int(trainer.state.global_step),
+        seconds=round(seconds, 1),
+        label_scale=scale,
+        train_rows=len(train_idx),
+        eval_rows=len(eval_idx),
+        resumed_from=resume,
+        stopped_early="time budget" if budget.hit else None,
+        history=history,
+    )
+    write_json_atomic(done, {**asdict(result), "model_dir": str(final_dir)})
+    return result
+
+
+def _fit_scale(model: Any, rows: TrainingRows, indices: list[int],
+               student_margins: Callable[[TrainingRows, list[int]], np.ndarray] | None,
+               rng: np.random.Generator) -> float:
+    sample = sorted(rng.choice(indices, size=min(256, len(indices)), replace=False).tolist())
+    teacher = np.concatenate([np.asarray(rows.margins[i], dtype=np.float64) for i in sample])
+    if student_margins is not None:
+        student = np.asarray(student_margins(rows, sample), dtype=np.float64).ravel()
+    else:
+        queries = model.encode([rows.queries[i] for i in sample], normalize_embeddings=True, convert_to_numpy=True)
+        positives = model.encode([rows.positives[i] for i in sample], normalize_embeddings=True, convert_to_numpy=True)
+        student_parts = []
+        for k, i in enumerate(sample):
+            negs = model.encode(rows.negatives[i], normalize_embeddings=True, convert_to_numpy=True)
+            student_parts.append(queries[k] @ positives[k] - negs @ queries[k])
+        student = np.concatenate(student_parts)
+    return fit_label_scale(student, teacher)
