@@ -60,6 +60,51 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- text
+
+
+def _text(args: argparse.Namespace) -> int:
+    from flows.adapt_text import PRESETS, AdaptTextConfig, adapt_text_flow
+    from flows.options import load_yaml
+    from tasks.corpus import read_corpus, read_qrels, read_queries
+    from tasks.models import resolve_model
+
+    preset = getattr(args, "preset", None) or (load_yaml(args.config).get("preset") if args.config else None)
+    config = build_config(AdaptTextConfig, args, args.config, base=PRESETS[preset or "offline"])
+    # Fail on bad input before a flow run starts, with the file and line, not a flow traceback.
+    corpus = read_corpus(config.corpus)
+    if config.eval is not None:
+        queries = read_queries(config.eval / "queries.jsonl")
+        read_qrels(config.eval / "qrels" / f"{config.eval_split}.tsv", query_ids=set(queries["query_id"]),
+                   doc_ids=set(corpus.ids))
+    for name in (config.base_model, config.qgen.generator, config.label.teacher):
+        if name != "offline":
+            resolve_model(name)
+    console = _console()
+    console.print(f"[bold]{config.corpus}[/bold]: {len(corpus)} documents; adapting "
+                  f"{config.base_model} as '{config.model_name}' in {config.workspace}")
+    result = _run_with_progress(console, "adapting", adapt_text_flow, config)
+    console.print(_markdown(result["markdown"]))
+    console.print(f"report: {result['report']}")
+    return 0
+
+
+def _markdown(text: str):
+    from rich.markdown import Markdown
+
+    return Markdown(text)
+
+
+def _run_with_progress(console, label: str, function, *args):
+    """Run a flow with a spinner and elapsed time on the terminal (stage progress is in the log lines)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn(f"[bold]{label}[/bold]"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        progress.add_task(label, total=None)
+        return function(*args)
+
+
 # ----------------------------------------------------------------------------------------- main
 
 Command = tuple[str, str, Callable[[], type], Callable[[argparse.Namespace], int]]
@@ -71,7 +116,14 @@ def _commands() -> list[Command]:
 
         return EvaluateConfig
 
+    def text_config():
+        from flows.adapt_text import AdaptTextConfig
+
+        return AdaptTextConfig
+
     return [
+        ("text", "adapt a bi-encoder to a corpus with no labels (GPL: generated queries, mined negatives, "
+                 "teacher margins, MarginMSE), evaluate before/after and promote if better", text_config, _text),
         ("evaluate", "retrieval metrics (nDCG@10, MRR@10, MAP, Recall, P@10, Hit@10, R-precision) "
                      "of models and BM25 on a BEIR folder", evaluate_config, _evaluate),
     ]

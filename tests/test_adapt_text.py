@@ -1,0 +1,101 @@
+"""The adapt-text flow end to end (tiny bi-encoder, so it runs in seconds), through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.adapt_text import AdaptTextConfig, split_heldout
+from flows.cli import main
+from tasks.registry import Registry
+from tasks.store import Store
+
+from helpers import write_beir_subset
+
+
+@pytest.fixture(scope="module")
+def small_beir(tmp_path_factory, scifact_sample):
+    return write_beir_subset(scifact_sample, tmp_path_factory.mktemp("beir"), n_queries=12, n_docs=60)
+
+
+def _args(corpus, workspace, model, *extra):
+    return ["text", "--corpus", str(corpus), "--workspace", str(workspace), "--base-model", str(model),
+            "--train-max-steps", "3", "--train-batch-size", "4", "--train-max-seq-length", "48",
+            "--train-save-steps", "2", "--train-eval-steps", "2", "--mine-max-seq-length", "64",
+            "--eval-max-seq-length", "64", *extra]
+
+
+def test_text_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["text", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for name in AdaptTextConfig.model_fields:
+        if name not in ("qgen", "mine", "label", "train"):
+            assert "--" + name.replace("_", "-") in text
+    for option in ("--qgen-generator", "--qgen-consistency-top-k", "--mine-num-negatives", "--label-teacher",
+                   "--label-bm25-weight", "--train-learning-rate", "--train-time-budget-minutes", "--preset"):
+        assert option in text
+
+
+def test_bad_text_arguments_exit_2_with_the_reason(capsys, tmp_path, small_beir):
+    assert main(["text", "--corpus", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().out
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"_id": "1", "text": "fine"}\n{"_id": "2", "text": \n')
+    assert main(["text", "--corpus", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert str(bad) in out and "line 2" in out
+    assert main(["text", "--corpus", str(small_beir), "--label-teacher", "acme/no-such-cross-encoder"]) == 2
+    assert "acme/no-such-cross-encoder" in capsys.readouterr().out
+    assert main(["text", "--corpus", str(small_beir), "--eval", str(small_beir), "--eval-split", "dev"]) == 2
+    assert "dev.tsv" in capsys.readouterr().out
+
+
+def test_adapt_text_with_the_users_judgments(prefect_harness, tmp_path, small_beir, tiny_bi_encoder, capsys):
+    workspace = tmp_path / "ws"
+    assert main(_args(small_beir, workspace, tiny_bi_encoder, "--eval", str(small_beir))) == 0
+    out = capsys.readouterr().out
+    assert "nDCG@10" in out and "Example matches" in out
+    reports = sorted((workspace / "reports").glob("adapt-text-*.json"))
+    assert len(reports) == 1
+    report = json.loads(reports[0].read_text())
+    assert "the user's queries" in report["eval_set"] and "12 queries" in report["eval_set"]
+    assert report["train"]["steps"] == 3 and report["queries_kept"] > 0
+    assert set(report["stages"]) >= {"generate queries", "mine negatives", "pseudo-labels", "train",
+                                     "evaluate before", "evaluate after"}
+    assert (workspace / "reports" / f"{reports[0].stem}-loss.png").stat().st_size > 1000
+    registry = Registry(workspace)
+    assert registry.versions("text-retriever") == ["v0001"]
+    better = report["ndcg@10_after"] > report["ndcg@10_before"]
+    assert report["promoted"] == better
+    assert registry.current("text-retriever") == ("v0001" if better else None)
+    card = registry.card("text-retriever", "v0001")
+    assert card["metrics_before"]["nDCG@10"] == pytest.approx(report["ndcg@10_before"])
+
+
+def test_adapt_text_without_judgments_holds_out_generated_queries(prefect_harness, tmp_path, small_beir,
+                                                                   tiny_bi_encoder, capsys):
+    workspace = tmp_path / "ws"
+    args = _args(small_beir, workspace, tiny_bi_encoder, "--heldout-fraction", "0.2", "--qgen-consistency-top-k",
+                 "20", "--no-continue-from-current")
+    assert main(args) == 0
+    first = json.loads(sorted((workspace / "reports").glob("adapt-text-*.json"))[0].read_text())
+    assert "held-out generated queries" in first["eval_set"]
+    assert first["queries_generated"] >= first["queries_kept"] > 0
+    store = Store(workspace)
+    queries = store.read_pandas("queries", store.keys("queries")[0])
+    _, heldout = split_heldout(queries, 0.2, 300, seed=13)
+    assert f"{len(heldout)} queries" in first["eval_set"]
+    labels = store.read_pandas("labels", store.keys("labels")[0])
+    trained_docs = set(queries.set_index("query_id").loc[labels["query_id"].unique(), "doc_id"])
+    assert trained_docs and not set(heldout["doc_id"]) & trained_docs  # no held-out document trained
+    keys = {stage: store.keys(stage) for stage in ("queries", "negatives", "labels", "embeddings")}
+
+    # the same run again reuses every stage and the trained model
+    capsys.readouterr()
+    assert main(args) == 0
+    assert {stage: store.keys(stage) for stage in keys} == keys
+    second = json.loads(sorted((workspace / "reports").glob("adapt-text-*.json"))[-1].read_text())
+    assert second["train"]["steps"] == 3 and second["ndcg@10_after"] == pytest.approx(first["ndcg@10_after"])
