@@ -251,6 +251,12 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
                                           current_score=before.primary, metric="nDCG@10",
                                           min_delta=config.promote_min_delta)
     logger.info("%s %s: %s", config.model_name, version, decision.reason)
+    if decision.promoted:  # the new current serves searches: its index goes next to it (embeddings are cached)
+        from tasks.search import INDEX_DIR, build_index
+
+        watch.run("search index", len(corpus), build_index, trained, corpus,
+                  registry.path(config.model_name, version) / INDEX_DIR, cache=after_cache,
+                  max_seq_length=eval_length)
     return _report(config, corpus, queries, manifest, eval_data, eval_note, before, after, result, version, decision,
                    watch, logger)
 

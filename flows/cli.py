@@ -31,9 +31,10 @@ def _console():
 def _known_errors() -> tuple[type[BaseException], ...]:
     from tasks.corpus import DataError
     from tasks.models import ModelNotAvailableError
+    from tasks.registry import RegistryError
     from tasks.store import IncompleteStageError
 
-    return (DataError, ConfigError, ModelNotAvailableError, IncompleteStageError, FileNotFoundError)
+    return (DataError, ConfigError, ModelNotAvailableError, IncompleteStageError, FileNotFoundError, RegistryError)
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -105,6 +106,120 @@ def _run_with_progress(console, label: str, function, *args):
         return function(*args)
 
 
+# --------------------------------------------------------------------------------------- models
+
+
+def _add_models_parser(commands) -> None:
+    models = commands.add_parser(
+        "models", help="list, show, promote or roll back registered model versions",
+        description="The model registry: versions with their cards (base model, data, config, metrics) and "
+                    "the `current` pointer that search and the next adaptation use.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = models.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, summary in (("list", "every registered model and its versions (* = current)"),
+                          ("show", "one version's card (default: the current version)"),
+                          ("promote", "make a version current by hand (no gate)"),
+                          ("rollback", "make the previously served version current again")):
+        sub = actions.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        sub.add_argument("--workspace", default=str(_default_workspace()),
+                         help="workspace folder holding models/ (default: %(default)s)")
+        if name != "list":
+            sub.add_argument("name", help="registered model name, e.g. text-retriever")
+        if name in ("show", "promote"):
+            sub.add_argument("version", nargs="?" if name == "show" else None, help="version, e.g. v0002")
+        if name == "promote":
+            sub.add_argument("--reason", default="promoted by hand", help="recorded in the history")
+    models.set_defaults(handler=_models)
+
+
+def _default_workspace():
+    from flows.evaluate import DEFAULT_WORKSPACE
+
+    return DEFAULT_WORKSPACE
+
+
+def _models(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    from tasks.registry import Registry
+
+    registry = Registry(args.workspace)
+    console = _console()
+    if args.action == "list":
+        names = registry.names()
+        if not names:
+            console.print(f"no models registered in {registry.root}")
+            return 0
+        table = Table("model", "version", "current", "nDCG@10 before", "nDCG@10 after", "eval set")
+        for name in names:
+            current = registry.current(name)
+            for version in registry.versions(name):
+                card = registry.card(name, version)
+                before, after = card.get("metrics_before", {}), card.get("metrics_after", {})
+                table.add_row(name, version, "*" if version == current else "",
+                              _fmt(before.get("nDCG@10")), _fmt(after.get("nDCG@10")),
+                              str(card.get("eval_set", ""))[:60])
+        console.print(table)
+    elif args.action == "show":
+        version = args.version or registry.current(args.name)
+        console.print_json(json.dumps({"current": registry.current(args.name), **registry.card(args.name, version)},
+                                      default=str))
+    elif args.action == "promote":
+        decision = registry.promote(args.name, args.version, reason=args.reason)
+        console.print(f"{args.name}: {decision.version} is current (was {decision.previous or 'none'})")
+    else:
+        decision = registry.rollback(args.name)
+        console.print(f"{args.name}: {decision.reason}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else ""
+
+
+# --------------------------------------------------------------------------------------- search
+
+
+def _add_search_parser(commands) -> None:
+    search = commands.add_parser(
+        "search", help="search the corpus with the current model of the registry",
+        description="Search the corpus a model was adapted on with its current version. The FAISS index is "
+                    "saved next to the model version and built on first use (again when current changes "
+                    "or the corpus changed).")
+    search.add_argument("query", help="the query text")
+    search.add_argument("--top-k", type=int, default=10, help="hits to show (default: %(default)s)")
+    search.add_argument("--model-name", default="text-retriever", help="registered model (default: %(default)s)")
+    search.add_argument("--corpus", help="search this corpus instead of the one recorded on the model's card")
+    search.add_argument("--workspace", default=str(_default_workspace()),
+                        help="workspace folder holding models/ (default: %(default)s)")
+    search.add_argument("--json", action="store_true", help="print the hits as JSON")
+    search.set_defaults(handler=_search)
+
+
+def _search(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from tasks.search import Searcher
+
+    if args.top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    searcher = Searcher(args.workspace, args.model_name, corpus=args.corpus)
+    hits = searcher.search(args.query, k=args.top_k)
+    if args.json:
+        print(json.dumps([asdict(h) for h in hits], indent=2))
+        return 0
+    table = Table("#", "score", "doc_id", "title / text", title=f"{args.model_name} {searcher.version}: {args.query}")
+    for rank, hit in enumerate(hits, 1):
+        table.add_row(str(rank), f"{hit.score:.3f}", hit.doc_id, (hit.title or hit.snippet)[:90])
+    _console().print(table)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- main
 
 Command = tuple[str, str, Callable[[], type], Callable[[argparse.Namespace], int]]
@@ -149,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", metavar="FILE", help="YAML file with settings (options given here win)")
         add_model_options(sub, config_model())
         sub.set_defaults(handler=handler)
+    _add_models_parser(commands)
+    _add_search_parser(commands)
     return parser
 
 

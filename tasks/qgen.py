@@ -59,7 +59,7 @@ class QGenConfig(BaseModel):
     max_input_tokens: int | None = Field(None, ge=16, description="seq2seq: document tokens kept (none: the model's limit)")
     batch_size: int = Field(16, ge=1, description="seq2seq: documents per generation batch")
     # offline generator
-    sentences_per_doc: int = Field(3, ge=0, le=50, description="offline: inverse-cloze sentences taken per document")
+    sentences_per_doc: int = Field(1, ge=0, le=50, description="offline: inverse-cloze sentences taken per document (each positive is a new passage to encode, so this sets the cost)")
     keep_sentence_probability: float = Field(
         0.0, ge=0, le=1, description="offline: chance an inverse-cloze sentence stays in its positive passage")
     min_words: int = Field(6, ge=1, description="offline: shortest sentence or title used as a query, in words")

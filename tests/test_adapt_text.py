@@ -8,7 +8,9 @@ import pytest
 
 from flows.adapt_text import AdaptTextConfig, split_heldout
 from flows.cli import main
+from tasks.corpus import read_corpus
 from tasks.registry import Registry
+from tasks.search import Searcher
 from tasks.store import Store
 
 from helpers import write_beir_subset
@@ -99,3 +101,39 @@ def test_adapt_text_without_judgments_holds_out_generated_queries(prefect_harnes
     assert {stage: store.keys(stage) for stage in keys} == keys
     second = json.loads(sorted((workspace / "reports").glob("adapt-text-*.json"))[-1].read_text())
     assert second["train"]["steps"] == 3 and second["ndcg@10_after"] == pytest.approx(first["ndcg@10_after"])
+
+
+def test_models_and_search_commands(prefect_harness, tmp_path, small_beir, tiny_bi_encoder, capsys):
+    workspace = tmp_path / "ws"
+    assert main(["search", "cells", "--workspace", str(workspace)]) == 2
+    assert "run `adapt text` first" in capsys.readouterr().out
+    assert main(_args(small_beir, workspace, tiny_bi_encoder, "--train-max-steps", "1")) == 0
+    registry = Registry(workspace)
+    if registry.current("text-retriever") is None:  # not better: a person may still promote it
+        assert main(["models", "promote", "text-retriever", "v0001", "--workspace", str(workspace)]) == 0
+    assert registry.current("text-retriever") == "v0001"
+    capsys.readouterr()
+    assert main(["models", "list", "--workspace", str(workspace)]) == 0
+    assert "v0001" in capsys.readouterr().out
+    assert main(["models", "show", "text-retriever", "--workspace", str(workspace)]) == 0
+    assert '"version": "v0001"' in capsys.readouterr().out
+    assert main(["models", "show", "text-retriever", "v0009", "--workspace", str(workspace)]) == 2
+    assert "no version 'v0009'" in capsys.readouterr().out
+    assert main(["models", "rollback", "text-retriever", "--workspace", str(workspace)]) == 2
+    assert "nothing to roll back to" in capsys.readouterr().out
+
+    corpus = read_corpus(small_beir)
+    title = corpus.docs["title"].iat[3]
+    assert main(["search", title, "--top-k", "5", "--json", "--workspace", str(workspace)]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 5 and all(h["doc_id"] in set(corpus.ids) for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    index_dir = registry.path("text-retriever", "v0001") / "index"
+    assert (index_dir / "index.faiss").is_file()
+
+    # the Python API gives the same ranking, with the model's own embeddings
+    searcher = Searcher(workspace, "text-retriever")
+    assert [h.doc_id for h in searcher.search(title, k=5)] == [h["doc_id"] for h in hits]
+    query_vector = searcher.encode([title])[0]
+    doc_vector = searcher.encode([corpus.texts()[corpus.ids.index(hits[0]["doc_id"])]])[0]
+    assert float(query_vector @ doc_vector) == pytest.approx(hits[0]["score"], abs=1e-4)

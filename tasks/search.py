@@ -1,0 +1,140 @@
+"""Search with the current model: a FAISS index of the corpus saved next to the model version.
+
+``<workspace>/models/<name>/<version>/index/`` holds ``index.faiss`` (exact inner product over unit
+vectors), ``docs.parquet`` (doc_id, title, snippet in index order) and ``meta.json`` (the corpus it
+was built from and its content key). Each version has its own index, so when ``current`` changes
+the next search builds (once) and uses the new version's index; an index whose corpus has changed
+since is rebuilt too.
+
+Python API::
+
+    searcher = Searcher("adapt-workspace", "text-retriever")
+    searcher.encode(["a query"])            # unit vectors from the current model
+    searcher.search("a query", k=10)        # [Hit(doc_id, score, title, snippet), ...]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.registry import Registry, RegistryError
+from tasks.store import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "index"
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc_id: str
+    score: float
+    title: str
+    snippet: str
+
+
+def corpus_of(card: dict[str, Any]) -> str | None:
+    """The corpus a registered version was trained on, from its card (None if not recorded)."""
+    config = card.get("config") or {}
+    return card.get("corpus") or config.get("corpus") or config.get("catalog")
+
+
+def build_index(model: Any, corpus: Any, folder: str | Path, *, batch_size: int = 64,
+                max_seq_length: int = 256, cache: Any = None) -> Path:
+    """Encode ``corpus`` with ``model`` and save the index into ``folder`` (atomically replaced)."""
+    import faiss
+
+    from tasks.evaluate import encode_texts
+
+    folder = Path(folder)
+    texts = corpus.texts()
+    if cache is not None:
+        vectors = cache.embed(texts, desc="encoding corpus for the search index")
+    else:
+        model.max_seq_length = max_seq_length
+        vectors = encode_texts(model, texts, batch_size=batch_size, show_progress=False, desc="indexing")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    faiss.write_index(index, str(staging / "index.faiss"))
+    docs = corpus.docs
+    pq.write_table(pa.table({
+        "doc_id": docs["doc_id"].tolist(),
+        "title": [t or "" for t in docs["title"].tolist()],
+        "snippet": [(x or "")[:200] for x in docs["text"].tolist()],
+    }), staging / "docs.parquet")
+    write_json_atomic(staging / "meta.json", {"corpus": str(corpus.source), "corpus_key": corpus.key,
+                                              "documents": len(corpus), "dimension": int(vectors.shape[1]),
+                                              "max_seq_length": max_seq_length})
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+class Searcher:
+    """The current version of a registered model with its corpus index."""
+
+    def __init__(self, workspace: str | Path, name: str = "text-retriever", *, corpus: str | Path | None = None,
+                 version: str | None = None):
+        from tasks.models import load_sentence_transformer
+
+        self.registry = Registry(workspace)
+        self.name = name
+        self.version = version or self.registry.current(name)
+        if self.version is None:
+            known = self.registry.names()
+            raise RegistryError(f"model '{name}' has no current version to search with"
+                                + (f" (registered models: {', '.join(known)})" if known else
+                                   f" (no model registered in {Path(workspace) / 'models'}; run `adapt text` first)"))
+        self.model_dir = self.registry.path(name, self.version)
+        self.card = self.registry.card(name, self.version)
+        self.model = load_sentence_transformer(str(self.model_dir))
+        self.index_dir = self.model_dir / INDEX_DIR
+        self._load(corpus)
+
+    def _load(self, corpus_path: str | Path | None) -> None:
+        import faiss
+
+        from tasks.corpus import read_corpus
+
+        meta_file = self.index_dir / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        source = corpus_path or (meta or {}).get("corpus") or corpus_of(self.card)
+        if source is None:
+            raise RegistryError(f"{self.name} {self.version}: no corpus recorded on its card; pass the corpus")
+        # The index is kept while its corpus is unchanged; a corpus that is gone keeps the old index.
+        corpus = None if (meta is not None and not corpus_path and not Path(source).exists()) else read_corpus(source)
+        if meta is None or (corpus is not None and corpus.key != meta["corpus_key"]):
+            log.info("building the search index of %s %s over %s", self.name, self.version, source)
+            build_index(self.model, corpus, self.index_dir)
+        self.index = faiss.read_index(str(self.index_dir / "index.faiss"))
+        self.docs = pq.read_table(self.index_dir / "docs.parquet").to_pylist()
+        self.meta = json.loads(meta_file.read_text())
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length embeddings of texts under the current model."""
+        from tasks.evaluate import encode_texts
+
+        self.model.max_seq_length = self.meta.get("max_seq_length", 256)
+        return encode_texts(self.model, list(texts), batch_size=64, show_progress=False)
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        """The k documents closest to the query, best first."""
+        if not query.strip():
+            raise ValueError("the query is empty")
+        scores, positions = self.index.search(self.encode([query]), min(k, self.index.ntotal))
+        return [Hit(self.docs[p]["doc_id"], float(s), self.docs[p]["title"], self.docs[p]["snippet"])
+                for s, p in zip(scores[0], positions[0], strict=True) if p >= 0]
