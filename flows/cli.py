@@ -29,12 +29,14 @@ def _console():
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from flows.catalog_refresh import RefreshLockedError
     from tasks.corpus import DataError
     from tasks.models import ModelNotAvailableError
     from tasks.registry import RegistryError
     from tasks.store import IncompleteStageError
 
-    return (DataError, ConfigError, ModelNotAvailableError, IncompleteStageError, FileNotFoundError, RegistryError)
+    return (DataError, ConfigError, ModelNotAvailableError, IncompleteStageError, FileNotFoundError, RegistryError,
+            RefreshLockedError)
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -87,6 +89,30 @@ def _text(args: argparse.Namespace) -> int:
     result = _run_with_progress(console, "adapting", adapt_text_flow, config)
     console.print(_markdown(result["markdown"]))
     console.print(f"report: {result['report']}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- refresh
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    from flows.catalog_refresh import RefreshConfig, catalog_refresh_flow, read_products
+
+    config = build_config(RefreshConfig, args, args.config)
+    catalog = read_products(config.catalog)  # bad input fails here, with the file and line
+    console = _console()
+    console.print(f"[bold]{config.catalog}[/bold]: {len(catalog)} products ({len(catalog.skipped)} left out); "
+                  f"refreshing '{config.model_name}' in {config.workspace}")
+    result = _run_with_progress(console, "refreshing", catalog_refresh_flow, config)
+    changes = result["changes"]
+    console.print(f"new {changes['new']}, changed {changes['changed']}, removed {changes['removed']}, "
+                  f"unchanged {changes['unchanged']}")
+    if not result["changed"]:
+        console.print(result["message"])
+    elif "decision" in result:
+        console.print(f"{result['model']} {result.get('version')}: {result['decision']}")
+    console.print(f"serving: {result.get('serving') or result.get('current_before')}; "
+                  f"{result['total_seconds']:.0f} s" + (f"; report: {result['report']}" if "report" in result else ""))
     return 0
 
 
@@ -236,7 +262,15 @@ def _commands() -> list[Command]:
 
         return AdaptTextConfig
 
+    def refresh_config():
+        from flows.catalog_refresh import RefreshConfig
+
+        return RefreshConfig
+
     return [
+        ("refresh", "incremental adaptation of a catalog's text retriever: only new and changed products get "
+                    "queries and labels; promote if better; keep the search index in step (the nightly job)",
+         refresh_config, _refresh),
         ("text", "adapt a bi-encoder to a corpus with no labels (GPL: generated queries, mined negatives, "
                  "teacher margins, MarginMSE), evaluate before/after and promote if better", text_config, _text),
         ("evaluate", "retrieval metrics (nDCG@10, MRR@10, MAP, Recall, P@10, Hit@10, R-precision) "

@@ -427,6 +427,17 @@ def read_catalog(
     return _finish(path, rows, skipped)
 
 
+def read_products(path: str | Path) -> Corpus:
+    """A catalog (a CSV/TSV/Parquet with an ``image`` column; products with a missing image are
+    reported and left out) or else any corpus :func:`read_corpus` reads."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in {".csv", ".tsv", ".parquet"}:
+        _, first = next(iter_records(path), (None, {}))
+        if "image" in (first or {}):
+            return read_catalog(path, missing_image="skip")
+    return read_corpus(path)
+
+
 def _find_image(name: str, roots: Sequence[Path]) -> Path | None:
     candidate = Path(name)
     if candidate.is_absolute():

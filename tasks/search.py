@@ -108,7 +108,7 @@ class Searcher:
     def _load(self, corpus_path: str | Path | None) -> None:
         import faiss
 
-        from tasks.corpus import read_corpus
+        from tasks.corpus import read_products
 
         meta_file = self.index_dir / "meta.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
@@ -116,7 +116,7 @@ class Searcher:
         if source is None:
             raise RegistryError(f"{self.name} {self.version}: no corpus recorded on its card; pass the corpus")
         # The index is kept while its corpus is unchanged; a corpus that is gone keeps the old index.
-        corpus = None if (meta is not None and not corpus_path and not Path(source).exists()) else read_corpus(source)
+        corpus = None if (meta is not None and not corpus_path and not Path(source).exists()) else read_products(source)
         if meta is None or (corpus is not None and corpus.key != meta["corpus_key"]):
             log.info("building the search index of %s %s over %s", self.name, self.version, source)
             build_index(self.model, corpus, self.index_dir)

@@ -1,0 +1,137 @@
+"""Incremental catalog refresh: no change does nothing, deltas only, removals leave the index, the lock."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from flows.catalog_refresh import RefreshLockedError, diff_snapshot, is_heldout, refresh_lock
+from flows.cli import main
+from tasks.registry import Registry
+from tasks.store import Store
+
+
+def _write_catalog(rows, path):
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture()
+def catalog(tmp_path, fashion_sample):
+    """120 products of the shipped fashion sample, images referenced by absolute path."""
+    with (fashion_sample / "styles.csv").open() as handle:
+        rows = list(csv.DictReader(handle))[:120]
+    for row in rows:
+        row["image"] = str(fashion_sample / "images" / row["image"])
+    return rows
+
+
+def _refresh(catalog_path, workspace, model, *extra):
+    return main(["refresh", "--catalog", str(catalog_path), "--workspace", str(workspace), "--base-model", str(model),
+                 "--train-max-steps", "2", "--train-batch-size", "4", "--max-seq-length", "32",
+                 "--heldout-percent", "20", "--qgen-consistency-top-k", "30", *extra])
+
+
+def _last_report(workspace):
+    return json.loads(sorted((workspace / "reports").glob("catalog-refresh-*.json"))[-1].read_text())
+
+
+def test_diff_and_heldout_are_by_content_and_fixed():
+    docs = pd.DataFrame({"doc_id": ["a", "b", "c"], "content_hash": ["1", "2", "3"]})
+    diff = diff_snapshot({"a": "1", "b": "x", "z": "9"}, docs)
+    assert diff == {"new": ["c"], "changed": ["b"], "removed": ["z"], "unchanged": ["a"]}
+    chosen = [d for d in map(str, range(1000)) if is_heldout(d, 10)]
+    assert 60 < len(chosen) < 140 and chosen == [d for d in map(str, range(1000)) if is_heldout(d, 10)]
+
+
+def test_refresh_runs_incrementally(prefect_harness, tmp_path, catalog, tiny_bi_encoder, capsys):
+    workspace = tmp_path / "ws"
+    path = _write_catalog(catalog, tmp_path / "styles.csv")
+    assert _refresh(path, workspace, tiny_bi_encoder) == 0
+    first = _last_report(workspace)
+    assert first["changes"]["new"] == 120 and first["trained"]
+    registry = Registry(workspace)
+    serving = registry.current("catalog-text")
+    assert serving is not None
+    store = Store(workspace)
+    query_stages = set(store.keys("queries"))
+
+    # no change: no model work, nothing new in the store
+    capsys.readouterr()
+    assert _refresh(path, workspace, tiny_bi_encoder) == 0
+    assert "no change since the last refresh" in capsys.readouterr().out
+    assert set(store.keys("queries")) == query_stages and registry.current("catalog-text") == serving
+    assert len(list((workspace / "reports").glob("catalog-refresh-*.json"))) == 1
+
+    # 3 new, 2 changed, 2 removed products
+    edited = [dict(row) for row in catalog[2:]]
+    edited[0]["productDisplayName"] += " limited edition"
+    edited[1]["baseColour"] = "Magenta"
+    for n in range(3):
+        extra = dict(catalog[10 + n])
+        extra["id"] = f"9000{n}"
+        extra["productDisplayName"] = f"Brand new aurora parka {n}"
+        edited.append(extra)
+    path = _write_catalog(edited, tmp_path / "styles.csv")
+    time.sleep(1.1)  # report names carry the second
+    assert _refresh(path, workspace, tiny_bi_encoder) == 0
+    third = _last_report(workspace)
+    assert third["changes"] == {"new": 3, "changed": 2, "removed": 2, "unchanged": 116}
+    assert third["recomputed_unchanged"] == 0 and third["queries_generated_for"] == 5
+    new_stage = (set(store.keys("queries")) - query_stages).pop()
+    generated_for = set(store.read_pandas("queries", new_stage)["doc_id"])
+    assert generated_for <= {"90000", "90001", "90002", edited[0]["id"], edited[1]["id"]}
+
+    # the serving index follows the catalog: removed products gone, new ones searchable
+    serving = registry.current("catalog-text")
+    indexed = set(pq.read_table(registry.path("catalog-text", serving) / "index" / "docs.parquet")
+                  .column("doc_id").to_pylist())
+    assert catalog[0]["id"] not in indexed and catalog[1]["id"] not in indexed
+    assert {"90000", "90001", "90002"} <= indexed and len(indexed) == 121
+    capsys.readouterr()
+    assert main(["search", "Brand new aurora parka 1", "--model-name", "catalog-text", "--workspace",
+                 str(workspace), "--json", "--top-k", "3"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert "90001" in [h["doc_id"] for h in hits]
+
+
+def test_a_second_refresh_waits_for_the_lock_then_fails_cleanly(tmp_path):
+    folder = tmp_path / "refresh"
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder():
+        with refresh_lock(folder, timeout=5):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    start = time.monotonic()
+    with pytest.raises(RefreshLockedError, match="another refresh"):
+        with refresh_lock(folder, timeout=1):
+            pass
+    assert time.monotonic() - start >= 1  # it waited
+    threading.Timer(0.5, release.set).start()
+    with refresh_lock(folder, timeout=10):  # and gets it once the first run ends
+        pass
+    thread.join()
+
+
+def test_refresh_refuses_bad_catalog_rows(tmp_path, catalog, capsys):
+    rows = [dict(r) for r in catalog[:3]]
+    rows[2]["id"] = rows[0]["id"]
+    path = _write_catalog(rows, tmp_path / "dup.csv")
+    assert main(["refresh", "--catalog", str(path), "--workspace", str(tmp_path / "ws")]) == 2
+    out = capsys.readouterr().out
+    assert "dup.csv" in out and "duplicate product id" in out
