@@ -246,6 +246,53 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- export
+
+
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser(
+        "export", help="export a registered model to ONNX (optionally int8) and check it matches PyTorch",
+        description="Export a registered model version to ONNX, optionally also an int8 quantised copy, check "
+                    "parity with the PyTorch model on sample texts (cosine >= --min-cosine for every text) and "
+                    "report the size and encode speed of each. Fails, keeping nothing, if parity fails.")
+    export.add_argument("--onnx", action="store_true", required=True, help="export to ONNX (the only format)")
+    export.add_argument("--int8", action="store_true", help="also write an int8 (dynamic quantisation) model")
+    export.add_argument("--model-name", default="text-retriever", help="registered model (default: %(default)s)")
+    export.add_argument("--version", help="version to export (default: the current one)")
+    export.add_argument("--output", help="output folder (default: <the version's folder>/onnx)")
+    export.add_argument("--min-cosine", type=float, default=0.99, help="parity threshold (default: %(default)s)")
+    export.add_argument("--workspace", default=str(_default_workspace()),
+                        help="workspace folder holding models/ (default: %(default)s)")
+    export.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from tasks.export import export_onnx
+    from tasks.registry import Registry
+
+    if not 0 < args.min_cosine <= 1:
+        raise ConfigError("--min-cosine must be in (0, 1]")
+    registry = Registry(args.workspace)
+    source = registry.path(args.model_name, args.version)
+    output = Path(args.output) if args.output else source / "onnx"
+    summary = export_onnx(source, output, int8=args.int8, min_cosine=args.min_cosine)
+    table = Table("model", "file", "size MB", "texts/s", "min cosine vs PyTorch",
+                  title=f"{args.model_name} {source.name} -> {output}")
+    table.add_row("PyTorch", "model.safetensors", f"{summary['pytorch']['size_mb']:.1f}",
+                  f"{summary['pytorch']['texts_per_second']:.0f}", "")
+    for variant in ("fp32", "int8"):
+        if variant in summary:
+            row = summary[variant]
+            table.add_row(f"ONNX {variant}", row["file"], f"{row['size_mb']:.1f}", f"{row['texts_per_second']:.0f}",
+                          f"{row['min_cosine']:.4f}")
+    _console().print(table)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- main
 
 Command = tuple[str, str, Callable[[], type], Callable[[argparse.Namespace], int]]
@@ -300,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
     _add_models_parser(commands)
     _add_search_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 
