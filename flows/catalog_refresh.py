@@ -53,8 +53,9 @@ class RefreshConfig(BaseModel):
     heldout_percent: int = Field(10, ge=1, le=50, description="products (chosen by a hash of the id, the same every "
                                                                "run) whose queries only evaluate, never train")
     max_heldout_queries: int = Field(500, ge=10, description="most held-out queries evaluated")
-    replay_rows: int = Field(2000, ge=0, description="earlier training rows (of products still unchanged) mixed "
-                                                     "into each refresh, so the model does not forget them")
+    replay_ratio: float = Field(1.0, ge=0, description="earlier training queries (of products still unchanged) "
+                                                        "mixed in per new one, so the model does not forget them; "
+                                                        "it keeps a refresh's cost proportional to the change")
     max_seq_length: int = Field(128, ge=8, le=8192, description="tokens per product text (index, mining, evaluation)")
     promote_min_delta: float = Field(0.0, ge=0, description="promote only when nDCG@10 improves by more than this")
     lock_timeout_seconds: float = Field(1800.0, ge=0, description="how long a second refresh waits for a running one")
@@ -240,16 +241,17 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
         new_labels = all_labels[-1][1]
         old = [labels for number, labels in all_labels[:-1]]
         replay = pd.concat(old, ignore_index=True) if old else new_labels.iloc[:0]
-        if len(replay) and config.replay_rows:
+        wanted = int(round(config.replay_ratio * new_labels["query_id"].nunique()))
+        if len(replay) and wanted:
             keep = replay["query_id"].drop_duplicates().sample(
-                n=min(config.replay_rows, replay["query_id"].nunique()), random_state=config.seed)
+                n=min(wanted, replay["query_id"].nunique()), random_state=config.seed)
             replay = replay[replay["query_id"].isin(set(keep))]
         else:
             replay = replay.iloc[:0]
         labels = pd.concat([new_labels, replay], ignore_index=True)
         rows = _training_rows(labels, queries_all, catalog)
         if len(rows) >= 2:
-            train_key = stage_key("train", {**config.train.model_dump(mode="json"), "replay": config.replay_rows},
+            train_key = stage_key("train", {**config.train.model_dump(mode="json"), "replay": config.replay_ratio},
                                   inputs=[s["labels"] for s in stages if s["labels"]], models=[start.fingerprint])
             result = watch.run("train", len(rows), train_task, config.model_name, str(start.path), rows, config.train,
                                str(config.workspace / "train" / train_key), student_margins=_cached_margins(cache, rows))
