@@ -84,14 +84,25 @@ class Stopwatch:
 
 
 def _progress(logger, label: str):
-    """A progress callback that logs every ~10% (Prefect log lines; the CLI adds a bar)."""
-    state = {"last": -1}
+    """A progress callback for long stages: a log line and a Prefect progress artifact every ~10%."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    state: dict[str, Any] = {"last": -1, "artifact": None}
 
     def report(done: int, total: int) -> None:
         step = int(10 * done / max(total, 1))
-        if step != state["last"]:
-            state["last"] = step
-            logger.info("%s: %d/%d", label, done, total)
+        if step == state["last"]:
+            return
+        state["last"] = step
+        logger.info("%s: %d/%d", label, done, total)
+        percent = round(100.0 * done / max(total, 1), 1)
+        try:
+            if state["artifact"] is None:
+                state["artifact"] = create_progress_artifact(progress=percent, description=label)
+            else:
+                update_progress_artifact(artifact_id=state["artifact"], progress=percent)
+        except Exception as exc:  # progress display must never stop the work
+            logger.debug("progress artifact not updated: %s", exc)
 
     return report
 

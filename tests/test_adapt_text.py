@@ -76,6 +76,15 @@ def test_adapt_text_with_the_users_judgments(prefect_harness, tmp_path, small_be
     card = registry.card("text-retriever", "v0001")
     assert card["metrics_before"]["nDCG@10"] == pytest.approx(report["ndcg@10_before"])
 
+    # long stages publish progress artifacts in the flow run, finished at 100%
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    progress = {a.description: a.data for a in artifacts if a.type == "progress"}
+    assert progress.get("training steps") == 100.0 and progress.get("query generation (parts)") == 100.0
+    assert any(a.key == "adapt-text-report" for a in artifacts)
+
 
 def test_adapt_text_without_judgments_holds_out_generated_queries(prefect_harness, tmp_path, small_beir,
                                                                    tiny_bi_encoder, capsys):
