@@ -142,7 +142,7 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
     from tasks.corpus import BeirData, read_corpus, read_qrels, read_queries
     from tasks.embeddings import EmbeddingCache
     from tasks.evaluate import BM25Index
-    from tasks.label import CrossEncoderTeacher, OfflineTeacher, label_stage
+    from tasks.label import CrossEncoderTeacher, OfflineTeacher, label_stage, source_ranker
     from tasks.mine import embed_corpus, load_embeddings, mine_stage
     from tasks.models import load_sentence_transformer, resolve_model
     from tasks.qgen import OFFLINE, generate_queries
@@ -173,19 +173,7 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
     bm25 = watch.run("bm25 index", len(corpus), BM25Index, corpus.texts())
     hybrid = OfflineTeacher(bm25, cache, doc_embeddings, bm25_weight=config.label.bm25_weight,
                             pool=config.label.pool)
-    positions = {d: i for i, d in enumerate(doc_ids)}
-    all_texts = corpus.texts()
-
-    def rank_of_source(texts, positives, sources):
-        """Rank of each query's source passage among all other documents, under the hybrid teacher."""
-        rows = hybrid.rank_rows(texts)
-        own = hybrid.score(texts, [p if p is not None else all_texts[s] for p, s in zip(positives, sources, strict=True)])
-        ranks = []
-        for i, source in enumerate(sources):
-            row = rows[i].copy()
-            row[positions[corpus.ids[source]]] = -np.inf
-            ranks.append(int((row > own[i]).sum()))
-        return ranks
+    rank_of_source = source_ranker(hybrid, doc_ids, corpus.ids, corpus.texts())
 
     # --- 1. queries
     qgen_models = [start.fingerprint] + ([] if config.qgen.generator == OFFLINE else [resolve_model(config.qgen.generator).fingerprint])

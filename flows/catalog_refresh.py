@@ -17,16 +17,12 @@ and the next run redoes the same delta from the store.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +33,7 @@ from tasks.corpus import read_products
 from tasks.label import LabelConfig
 from tasks.mine import MineConfig
 from tasks.qgen import QGenConfig
+from tasks.store import file_lock
 
 __all__ = ["RefreshConfig", "catalog_refresh_flow", "read_products"]
 
@@ -71,24 +68,10 @@ class RefreshLockedError(RuntimeError):
     """Another refresh of the same model is running."""
 
 
-@contextlib.contextmanager
-def refresh_lock(folder: Path, timeout: float) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".refresh.lock").open("a") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise RefreshLockedError(f"another refresh holds {folder / '.refresh.lock'} "
-                                             f"(waited {timeout:.0f} s); try again when it finishes") from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def refresh_lock(folder: Path, timeout: float):
+    """One refresh of a model at a time: a second one waits up to ``timeout`` s, then fails cleanly."""
+    return file_lock(folder / ".refresh.lock", timeout, lambda: RefreshLockedError(
+        f"another refresh holds {folder / '.refresh.lock'} (waited {timeout:.0f} s); try again when it finishes"))
 
 
 def is_heldout(doc_id: str, percent: int) -> bool:
@@ -120,7 +103,7 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
     from tasks.corpus import BeirData, Corpus
     from tasks.embeddings import EmbeddingCache
     from tasks.evaluate import BM25Index
-    from tasks.label import CrossEncoderTeacher, OfflineTeacher, label_stage
+    from tasks.label import CrossEncoderTeacher, OfflineTeacher, label_stage, source_ranker
     from tasks.mine import embed_corpus, load_embeddings, mine_stage
     from tasks.models import load_sentence_transformer, resolve_model
     from tasks.qgen import OFFLINE, generate_queries
@@ -164,21 +147,9 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
         bm25 = watch.run("bm25 index", len(catalog), BM25Index, catalog.texts())
         teacher = OfflineTeacher(bm25, cache, doc_embeddings, bm25_weight=config.label.bm25_weight,
                                  pool=config.label.pool)
-        positions = {d: i for i, d in enumerate(doc_ids)}
         delta = Corpus(catalog.docs[catalog.docs["doc_id"].isin(delta_ids)].reset_index(drop=True),
                        str(config.catalog))
-        delta_texts = delta.texts()
-
-        def rank_of_source(texts, positives, sources):
-            rows = teacher.rank_rows(texts)
-            own = teacher.score(texts, [p if p is not None else delta_texts[s]
-                                        for p, s in zip(positives, sources, strict=True)])
-            ranks = []
-            for i, source in enumerate(sources):
-                row = rows[i].copy()
-                row[positions[delta.ids[source]]] = -np.inf
-                ranks.append(int((row > own[i]).sum()))
-            return ranks
+        rank_of_source = source_ranker(teacher, doc_ids, delta.ids, delta.texts())
 
         # --- only the new and changed products get queries, negatives and labels
         generator_fp = [] if config.qgen.generator == OFFLINE else [resolve_model(config.qgen.generator).fingerprint]

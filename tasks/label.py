@@ -118,6 +118,31 @@ class OfflineTeacher:
         return self.weight * z_bm25 + (1 - self.weight) * z_dense
 
 
+def source_ranker(teacher: OfflineTeacher, index_ids: Sequence[str], source_ids: Sequence[str],
+                  source_texts: Sequence[str]):
+    """``rank_of_source`` for the consistency filter of tasks.qgen: each query's rank of its source
+    passage among every other document of the teacher's index (0 = first).
+
+    ``source_ids``/``source_texts`` are the documents queries are generated for (positions in them
+    are what the generator passes); ``index_ids`` the teacher's document order. A query's own
+    positive (an inverse-cloze passage) is scored when given, else its whole source document.
+    """
+    positions = {d: i for i, d in enumerate(index_ids)}
+
+    def rank_of_source(texts, positives, sources):
+        rows = teacher.rank_rows(texts)
+        own = teacher.score(texts, [p if p is not None else source_texts[s] for p, s in zip(positives, sources,
+                                                                                                 strict=True)])
+        ranks = []
+        for i, source in enumerate(sources):
+            row = rows[i].copy()
+            row[positions[source_ids[source]]] = -np.inf
+            ranks.append(int((row > own[i]).sum()))
+        return ranks
+
+    return rank_of_source
+
+
 class CrossEncoderTeacher:
     """A cross-encoder's raw logits as teacher scores."""
 

@@ -12,7 +12,6 @@ an exclusive lock: a second writer waits up to ``lock_timeout`` seconds, then fa
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.store import write_json_atomic
+from tasks.store import file_lock, write_json_atomic
 
 CARD = "card.json"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -98,25 +97,11 @@ class Registry:
     def lock(self, name: str) -> Iterator[None]:
         """Exclusive lock on one model's registry entries (waits, then RegistryLockedError)."""
         _check_name(name)
-        folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / ".lock").open("a") as handle:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise RegistryLockedError(
-                            f"registry of '{name}' is locked by another run (waited {self.lock_timeout:.0f} s); "
-                            "try again when it finishes"
-                        ) from None
-                    time.sleep(0.2)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        timeout = self.lock_timeout
+        with file_lock(self.root / name / ".lock", timeout, lambda: RegistryLockedError(
+                f"registry of '{name}' is locked by another run (waited {timeout:.0f} s); "
+                "try again when it finishes")):
+            yield
 
     def register(self, name: str, model_dir: str | Path, card: Mapping[str, Any]) -> str:
         """Copy a trained model in as the next version (not promoted); returns the version."""
