@@ -8,8 +8,6 @@ from tasks.image_tower import ImageTowerConfig
 from tasks.models import ModelNotAvailableError
 from tasks.pairs import build_pairs
 
-from tiny_clip import build_tiny_clip
-
 TINY_TOWER = ImageTowerConfig(image_size=(80, 60), widths=(8, 16), blocks=(1, 1))
 
 
@@ -22,6 +20,8 @@ def sample_pairs(fashion_sample):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
+    from tiny_clip import build_tiny_clip
+
     return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
