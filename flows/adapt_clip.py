@@ -42,9 +42,10 @@ class ClipConfig(BaseModel):
     image_field: str = Field("image", description="catalog column with the image file name")
     image_root: Path | None = Field(None, description="folder of the image files; none: look next to the catalog, "
                                                       "then in its images/ folder")
-    image_height: int = Field(80, ge=16, le=512, description="image height the trained image tower takes (images "
-                                                             "are fitted into it on white)")
-    image_width: int = Field(60, ge=16, le=512, description="image width the trained image tower takes")
+    image_height: int = Field(80, ge=16, le=512, description="height images are decoded at, fitted on white: the "
+                                                             "input of a trained image tower (a CLIP model's processor "
+                                                             "resizes them further)")
+    image_width: int = Field(60, ge=16, le=512, description="width images are decoded at (see image height)")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of products held out of training for "
                                                                  "evaluation, chosen by a hash of the product id")
     split_salt: str = Field("holdout", description="salt of the id hash that chooses the held-out products")
@@ -95,6 +96,7 @@ def register_and_promote_task(config: ClipConfig, model_dir: str, card: dict, ne
 def adapt_clip_flow(config: ClipConfig) -> dict:
     """Pairs -> before -> train -> after -> register/promote -> picture report; returns paths and metrics."""
     from tasks.image_text import model_kind
+    from tasks.pairs import check_catalog_columns
     from tasks.registry import Registry
 
     logger = get_run_logger()
@@ -105,6 +107,11 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
     run_dir = config.workspace / "reports" / f"adapt-clip-{time.strftime('%Y%m%d-%H%M%S')}"
     timings: dict[str, dict] = {}
 
+    # bad settings fail here, before any work: template fields, the model's name
+    check_catalog_columns(config.catalog, config.caption_template, id_field=config.id_field,
+                          image_field=config.image_field, title_field=config.title_field,
+                          other_templates=[*config.train.extra_caption_templates, *config.attribute_queries])
+    kind = model_kind(config.model)
     began = time.time()
     pairs = pairs_task(config.catalog, config.workspace, caption_template=config.caption_template,
                        id_field=config.id_field, title_field=config.title_field, image_field=config.image_field,
@@ -115,7 +122,6 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
     for bad in pairs.bad[:20]:
         logger.warning("left out product %s (line %s): %s", bad["doc_id"], bad["line"], bad["reason"])
 
-    kind = model_kind(config.model)
     tower = tower_config(config.train, image_size).to_dict() if kind == "text" else None
     before_name = f"untrained image tower + {config.model}" if kind == "text" else f"{config.model} (before)"
     began = time.time()

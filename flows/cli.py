@@ -73,7 +73,8 @@ def _clip(args: argparse.Namespace) -> int:
     config = build_config(ClipConfig, args, args.config)
     # Fail on bad input before a flow run starts: catalog columns, caption template, the model.
     check_catalog_columns(config.catalog, config.caption_template, id_field=config.id_field,
-                          image_field=config.image_field, title_field=config.title_field)
+                          image_field=config.image_field, title_field=config.title_field,
+                          other_templates=[*config.train.extra_caption_templates, *config.attribute_queries])
     kind = model_kind(config.model)
     console = _console()
     what = {"text": "frozen text tower, image tower trained from scratch", "clip-base": "CLIP fine-tuning",

@@ -260,19 +260,26 @@ def build_pairs(
 
 
 def check_catalog_columns(path: str | Path, caption_template: str, *, id_field: str = "id",
-                          image_field: str = "image", title_field: str | None = "productDisplayName") -> None:
-    """Fail fast (DataError) when the catalog's first record lacks a column the run needs."""
+                          image_field: str = "image", title_field: str | None = "productDisplayName",
+                          other_templates: Sequence[str] = ()) -> None:
+    """Fail fast (DataError) when the catalog's first record lacks a column the run needs: the ids,
+    the images, the title, or a field named by the caption template or one of ``other_templates``
+    (extra caption templates, attribute queries)."""
     path = Path(path)
-    try:
-        names = template_fields(caption_template)
-    except ValueError as exc:
-        raise DataError(path, None, str(exc)) from None
+    templates = (caption_template, *other_templates)
+    names: list[str] = []
+    for template in templates:
+        try:
+            names += template_fields(template)
+        except ValueError as exc:
+            raise DataError(path, None, str(exc)) from None
     for line, record in iter_records(path):
-        needed = [id_field, image_field, *names]
-        missing = [n for n in dict.fromkeys(needed) if n not in record]
-        if missing:
-            raise DataError(path, line, f"no column(s) {missing} (needed for the ids, images or the caption template "
-                                        f"{caption_template!r}); columns are {sorted(record)}")
+        for template in templates:
+            needed = [id_field, image_field, *template_fields(template)]
+            missing = [n for n in dict.fromkeys(needed) if n not in record]
+            if missing:
+                raise DataError(path, line, f"no column(s) {missing} (needed for the ids, images or the template "
+                                            f"{template!r}); columns are {sorted(record)}")
         if title_field and title_field not in record:
             raise DataError(path, line, f"no title column '{title_field}'; columns are {sorted(record)}")
         return

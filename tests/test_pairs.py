@@ -106,6 +106,10 @@ def test_caption_template_naming_an_unknown_field_is_a_data_error(tmp_path, fash
     with pytest.raises(DataError, match=r"line 2: no column\(s\) \['colour'\]"):
         check_catalog_columns(path, "{colour} {articleType}")
     check_catalog_columns(path, DEFAULT_CAPTION_TEMPLATE)  # the shipped layout passes
+    # extra caption templates and attribute queries are checked too, not only the caption template
+    with pytest.raises(DataError, match=r"no column\(s\) \['season_name'\].*'\{season_name\} \{gender\}'"):
+        check_catalog_columns(path, DEFAULT_CAPTION_TEMPLATE, other_templates=["{gender}", "{season_name} {gender}"])
+    check_catalog_columns(path, DEFAULT_CAPTION_TEMPLATE, other_templates=["{gender} {baseColour} {articleType}"])
 
 
 def test_holdout_split_is_by_id_stable_and_disjoint(fashion_sample):
