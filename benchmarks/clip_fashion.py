@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true",
                         help="choose settings: train without the validation slice and evaluate on it (the held-out "
                              "products are not used); writes <output stem>_tune.json")
+    parser.add_argument("--train-subset", type=int, default=0, metavar="N",
+                        help="with --tune: train on only the first N training products (quick comparisons)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override training settings (ClipTrainConfig fields), for --tune runs")
     args = parser.parse_args()
@@ -76,13 +78,14 @@ def main() -> None:
         trainable = ~held_out
         validation = trainable & holdout_mask(pairs.ids, VALIDATION_FRACTION, salt="validation")
         train, evaluation = pairs.subset(trainable & ~validation), pairs.subset(validation)
+        if args.train_subset:
+            train = train.subset(np.arange(len(train)) < args.train_subset)
     else:
         train, evaluation = pairs.subset(~held_out), pairs.subset(held_out)
     assert not set(train.ids) & set(evaluation.ids)
     console.print(f"{len(pairs)} products ({len(pairs.bad)} left out, {ref.converted} converted to RGB): "
                   f"{len(train)} trained on, {len(evaluation)} {'validation' if args.tune else 'held out'}")
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     encoder = initial_encoder("all-MiniLM-L6-v2", tower_config(config, (80, 60)), seed=config.seed)
     encode_start = time.time()
     for view in caption_views(train, config.extra_caption_templates):  # cached: training finds them stored
@@ -132,6 +135,7 @@ def main() -> None:
         "caption_mrr": round(after_metrics["caption_mrr"], 4),
         "image_precision@10": round(after_metrics["image_precision@10"], 4),
         "train_minutes": round(train_result.seconds / 60, 2),
+        "train_cpu_seconds": train_result.cpu_seconds,
         "seconds_per_epoch": train_result.seconds_per_epoch,
         "images_per_second": train_result.images_per_second,
         "epochs": train_result.epochs_done,

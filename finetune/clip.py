@@ -69,6 +69,10 @@ class ClipTrainConfig(BaseModel):
         default_factory=list,
         description="more captions per product from other field templates (e.g. '{articleType}, {baseColour}, "
                     "{gender}'); each step pairs an image with one of its captions at random (text augmentation)")
+    batch_clusters: int = Field(0, ge=0, description="locked-text path: 0 draws batches at random; k > 0 groups the "
+                                                     "captions into k clusters (k-means on their text vectors) and "
+                                                     "builds each batch from 4 clusters, so negatives are similar "
+                                                     "products (topic-aware sampling, as TAS-B)")
     tower_width: int = Field(32, ge=4, le=512, description="channels of the image tower's first stage (doubled at "
                                                            "each of its four stages)")
     tower_blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1, max_length=6,
@@ -95,6 +99,7 @@ class TrainResult:
     seconds: float = 0.0
     seconds_per_epoch: float = 0.0
     images_per_second: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of the process while training: what the run costs without contention
     stopped_by_budget: bool = False
     resumed_from_step: int = 0
     final_temperature: float = 0.0
@@ -163,6 +168,35 @@ def epochs_that_fit(planned: int, first_epoch_seconds: float, budget_seconds: fl
     return max(1, min(planned, int(budget_seconds // max(first_epoch_seconds, 1e-9))))
 
 
+def epoch_order(n_pairs: int, seed: int, epoch: int, clusters: np.ndarray | None = None,
+                chunk: int = 64) -> np.ndarray:
+    """The order products are visited in one epoch; consecutive batch-size slices are the batches.
+
+    Random, or with ``clusters``: each cluster shuffled and cut into chunks of ``chunk`` products,
+    the chunks shuffled, so each batch holds a few clusters' worth of similar products. Depends only
+    on (seed, epoch): a resumed run visits the same batches.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if clusters is None:
+        return rng.permutation(n_pairs)
+    pieces = []
+    for cluster in np.unique(clusters):
+        members = rng.permutation(np.flatnonzero(clusters == cluster))
+        pieces += [members[i:i + chunk] for i in range(0, len(members), chunk)]
+    return np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
+
+
+def caption_clusters(text_vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Cluster id per caption: k-means (FAISS) on unit text vectors, seeded."""
+    import faiss
+
+    k = max(1, min(k, len(text_vectors) // 4))
+    kmeans = faiss.Kmeans(text_vectors.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False)
+    vectors = np.ascontiguousarray(text_vectors, dtype=np.float32)
+    kmeans.train(vectors)
+    return kmeans.index.search(vectors, 1)[1][:, 0].astype(np.int64)
+
+
 def _run_loop(
     *,
     n_pairs: int,
@@ -177,6 +211,7 @@ def _run_loop(
     on_step: Callable[[int, float], None] | None,
     device: str,
     mixed_precision: bool,
+    clusters: np.ndarray | None = None,
 ) -> TrainResult:
     """Epochs of ``loss_for_batch(indices, generator)`` steps with schedule, checkpoints and budget."""
     import torch
@@ -197,7 +232,7 @@ def _run_loop(
     scheduler = schedule()
     result = TrainResult(steps_per_epoch=steps_per_epoch, epochs_planned=config.epochs, device=device,
                          mixed_precision=mixed_precision)
-    global_step, spent = 0, 0.0
+    global_step, spent, spent_cpu = 0, 0.0, 0.0
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -209,6 +244,7 @@ def _run_loop(
             scheduler = schedule(int(state["global_step"]) - 1)
             scheduler.load_state_dict(state["scheduler"])
             global_step, spent = int(state["global_step"]), float(state["seconds"])
+            spent_cpu = float(state.get("cpu_seconds", 0.0))
             result.losses = [float(x) for x in state["losses"]]
             result.resumed_from_step = global_step
             log.info("resuming training from %s at step %d", checkpoint, global_step)
@@ -226,10 +262,11 @@ def _run_loop(
             "global_step": global_step,
             "planned_epochs": plan["epochs"],
             "seconds": spent + (time.time() - started),
+            "cpu_seconds": spent_cpu + (time.process_time() - cpu_started),
             "losses": result.losses,
         }, checkpoint)
 
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     budget = config.max_train_minutes * 60.0
     for module in modules.values():
         module.train()
@@ -242,9 +279,12 @@ def _run_loop(
     progress = tqdm(total=plan["epochs"] * steps_per_epoch, initial=global_step, desc="training", unit="step",
                     disable=not show_progress, mininterval=5.0)
     with keep_freed_memory():
+        order_of: dict[int, np.ndarray] = {}
         while global_step < plan["epochs"] * steps_per_epoch:
             epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-            order = np.random.default_rng([config.seed, epoch]).permutation(n_pairs)
+            if epoch not in order_of:
+                order_of = {epoch: epoch_order(n_pairs, config.seed, epoch, clusters, max(1, batch_size // 4))}
+            order = order_of[epoch]
             indices = np.sort(order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size])
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + global_step)
             with autocast():
@@ -285,6 +325,7 @@ def _run_loop(
     result.epochs_planned = plan["epochs"]
     result.epochs_done = round(global_step / steps_per_epoch, 3)
     result.seconds = round(spent + (time.time() - started), 2)
+    result.cpu_seconds = round(spent_cpu + (time.process_time() - cpu_started), 2)
     result.seconds_per_epoch = round(result.seconds / max(result.epochs_done, 1e-9), 2)
     result.images_per_second = round(global_step * batch_size / max(result.seconds, 1e-9), 1)
     return result
@@ -352,7 +393,7 @@ def train_lit(
     else:
         nested = [list(captions)] if n_views == 1 and isinstance(captions[0], str) else [list(c) for c in captions]
         group_ids = caption_groups([c for view in nested for c in view]).reshape(n_views, len(pixels))
-    groups = torch.from_numpy(group_ids)
+    group_of = torch.from_numpy(group_ids)
     images = torch.from_numpy(np.ascontiguousarray(pixels))
 
     def loss_for_batch(indices: np.ndarray, generator: Any) -> Any:
@@ -364,13 +405,14 @@ def train_lit(
         image_emb = F.normalize(tower(inputs), dim=-1)
         scale = logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
         logits = scale * image_emb @ texts[view, index].T
-        targets = contrastive_targets(groups[view, index])
+        targets = contrastive_targets(group_of[view, index])
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
+    clusters = caption_clusters(views[0], config.batch_clusters, config.seed) if config.batch_clusters else None
     result = _run_loop(n_pairs=len(pixels), config=config, modules={"tower": tower, "scale": scale_holder},
                        optimizer=optimizer, peak_lr=config.learning_rate, loss_for_batch=loss_for_batch,
                        run_key=run_key, checkpoint_dir=checkpoint_dir, show_progress=show_progress,
-                       on_step=on_step, device="cpu", mixed_precision=False)
+                       on_step=on_step, device="cpu", mixed_precision=False, clusters=clusters)
     final_scale = float(logit_scale.detach().clamp(max=math.log(MAX_LOGIT_SCALE)).exp())
     encoder.logit_scale = final_scale
     result.final_temperature = round(1.0 / final_scale, 5)
@@ -520,11 +562,9 @@ def train_catalog_encoder(
     ``workspace``); a CLIP model is fine-tuned. The saved directory loads back with
     :func:`tasks.image_text.load_catalog_encoder`.
     """
-    import torch
 
     from tasks.image_text import LitEncoder, cached_text_embeddings, initial_encoder
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     encoder = initial_encoder(model, tower_config(config, image_size), seed=config.seed)
     if isinstance(encoder, LitEncoder):
         if tuple(pairs.pixels.shape[1:3]) != tuple(encoder.image_size):

@@ -141,6 +141,27 @@ def test_identical_captions_are_not_each_others_negatives():
     assert torch.allclose(targets[1], torch.tensor([0.0, 1.0, 0.0, 0.0]))
 
 
+def test_cluster_batches_hold_similar_products_and_cover_every_product_once(minilm_caption_vectors, sample_pairs):
+    from finetune.clip import caption_clusters, epoch_order
+
+    clusters = caption_clusters(minilm_caption_vectors, 6, seed=0)
+    assert np.array_equal(clusters, caption_clusters(minilm_caption_vectors, 6, seed=0))  # seeded
+    assert len(set(clusters.tolist())) == 6
+    order = epoch_order(len(clusters), 0, 0, clusters, chunk=4)
+    assert sorted(order.tolist()) == list(range(len(clusters)))
+    assert np.array_equal(order, epoch_order(len(clusters), 0, 0, clusters, chunk=4))  # same epoch, same batches
+    assert not np.array_equal(order, epoch_order(len(clusters), 0, 1, clusters, chunk=4))
+
+    def clusters_per_batch(visit):
+        return np.mean([len(set(clusters[visit[i:i + 8]].tolist())) for i in range(0, len(visit) - 7, 8)])
+
+    assert clusters_per_batch(order) < clusters_per_batch(epoch_order(len(clusters), 0, 0)) - 1
+    # clusters follow the captions: products of one cluster share fewer article types than random groups
+    kinds = np.array([a["articleType"] for a in sample_pairs.attributes()])
+    shuffled = np.random.default_rng(0).permutation(clusters)
+    assert sum(len(set(kinds[clusters == k])) for k in range(6)) < sum(len(set(kinds[shuffled == k])) for k in range(6))
+
+
 def test_training_resumes_from_its_checkpoint_exactly(sample_pairs, minilm_caption_vectors, tmp_path):
     config = fast(epochs=2, augment=True, checkpoint_every=1)  # 6 steps, augmentations on
 
