@@ -85,9 +85,9 @@ def image_grid_png(rows: Sequence[GridRow], path: str | Path, *, title: str, bef
     path.parent.mkdir(parents=True, exist_ok=True)
     k = max([len(r.before) for r in rows] + [len(r.after) for r in rows] + [1])
     columns = 2 * k + 2  # query text, k before, a gap, k after
-    figure, axes = plt.subplots(len(rows), columns, figsize=(1.0 * columns + 1.5, 1.45 * len(rows) + 0.6),
+    figure, axes = plt.subplots(len(rows), columns, figsize=(0.95 * columns + 0.8, 1.45 * len(rows) + 0.6),
                                 dpi=110, squeeze=False,
-                                gridspec_kw={"width_ratios": [2.6] + [1] * k + [0.25] + [1] * k})
+                                gridspec_kw={"width_ratios": [1.9] + [1] * k + [0.25] + [1] * k})
     for r, row in enumerate(rows):
         for ax in axes[r]:
             ax.set_xticks([])
