@@ -35,18 +35,39 @@ SHOWCASE = ["navy blue men shirt", "women red handbag", "black sports shoes for 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion-product-images-small")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion-product-images-small"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "clip_fashion.json")
-    parser.add_argument("--workspace", type=Path, default=ROOT / "adapt-workspace" / "benchmark-clip",
-                        help="caches (pairs, text vectors) and training checkpoints")
-    parser.add_argument("--tune", action="store_true",
-                        help="choose settings: train without the validation slice and evaluate on it (the held-out "
-                             "products are not used); writes <output stem>_tune.json")
-    parser.add_argument("--train-subset", type=int, default=0, metavar="N",
-                        help="with --tune: train on only the first N training products (quick comparisons)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override training settings (ClipTrainConfig fields), for --tune runs")
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        default=ROOT / "adapt-workspace" / "benchmark-clip",
+        help="caches (pairs, text vectors) and training checkpoints",
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose settings: train without the validation slice and evaluate on it (the held-out "
+        "products are not used); writes <output stem>_tune.json",
+    )
+    parser.add_argument(
+        "--train-subset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --tune: train on only the first N training products (quick comparisons)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override training settings (ClipTrainConfig fields), for --tune runs",
+    )
     args = parser.parse_args()
 
     import numpy as np
@@ -83,8 +104,10 @@ def main() -> None:
     else:
         train, evaluation = pairs.subset(~held_out), pairs.subset(held_out)
     assert not set(train.ids) & set(evaluation.ids)
-    console.print(f"{len(pairs)} products ({len(pairs.bad)} left out, {ref.converted} converted to RGB): "
-                  f"{len(train)} trained on, {len(evaluation)} {'validation' if args.tune else 'held out'}")
+    console.print(
+        f"{len(pairs)} products ({len(pairs.bad)} left out, {ref.converted} converted to RGB): "
+        f"{len(train)} trained on, {len(evaluation)} {'validation' if args.tune else 'held out'}"
+    )
 
     encoder = initial_encoder("all-MiniLM-L6-v2", tower_config(config, (80, 60)), seed=config.seed)
     encode_start = time.time()
@@ -92,24 +115,36 @@ def main() -> None:
         cached_text_embeddings(encoder, view, args.workspace)
     encode_seconds = time.time() - encode_start
     eval_set = catalog_eval_set(evaluation)
-    before = evaluate_catalog_encoder(encoder, eval_set, system="untrained image tower", workspace=args.workspace)
+    before = evaluate_catalog_encoder(
+        encoder, eval_set, system="untrained image tower", workspace=args.workspace
+    )
     before_images = encoder.encode_images(eval_set.pixels)
 
     run_key = stage_key("benchmark-clip", config, inputs=[train.key])
     model_dir = args.workspace / "models" / run_key
     saved, train_result = train_catalog_encoder(
-        "all-MiniLM-L6-v2", train, config, model_dir, image_size=(80, 60), workspace=args.workspace,
-        run_key=run_key, checkpoint_dir=args.workspace / "checkpoints" / run_key)
+        "all-MiniLM-L6-v2",
+        train,
+        config,
+        model_dir,
+        image_size=(80, 60),
+        workspace=args.workspace,
+        run_key=run_key,
+        checkpoint_dir=args.workspace / "checkpoints" / run_key,
+    )
     encoder = load_catalog_encoder(saved)  # evaluate the model as saved, loaded back
-    after = evaluate_catalog_encoder(encoder, eval_set, system="trained (locked MiniLM text)",
-                                     workspace=args.workspace)
+    after = evaluate_catalog_encoder(
+        encoder, eval_set, system="trained (locked MiniLM text)", workspace=args.workspace
+    )
     after_images = encoder.encode_images(eval_set.pixels)
     load_end = os.getloadavg()
 
     console.print(catalog_metrics_markdown([before, after]))
-    console.print(f"training: {train_result.seconds / 60:.1f} min, {train_result.epochs_done} epochs, "
-                  f"{train_result.seconds_per_epoch:.0f} s/epoch, {train_result.images_per_second:.0f} images/s; "
-                  f"load average {load_start} -> {load_end}")
+    console.print(
+        f"training: {train_result.seconds / 60:.1f} min, {train_result.epochs_done} epochs, "
+        f"{train_result.seconds_per_epoch:.0f} s/epoch, {train_result.images_per_second:.0f} images/s; "
+        f"load average {load_start} -> {load_end}"
+    )
 
     stem = args.output.stem + ("_tune" if args.tune else "")
     output = args.output.with_name(stem + ".json")
@@ -119,11 +154,18 @@ def main() -> None:
     before_hits = {q: before.attribute.top_hits[q] for q in picked}
     after_hits = {q: after.attribute.top_hits[q] for q in picked}
     free = encoder.encode_text(SHOWCASE)
-    for i, (b, a) in enumerate(zip(search_texts(free, before_images, eval_set.doc_ids, 5),
-                                   search_texts(free, after_images, eval_set.doc_ids, 5), strict=True)):
+    for i, (b, a) in enumerate(
+        zip(
+            search_texts(free, before_images, eval_set.doc_ids, 5),
+            search_texts(free, after_images, eval_set.doc_ids, 5),
+            strict=True,
+        )
+    ):
         queries[f"free-{i}"], before_hits[f"free-{i}"], after_hits[f"free-{i}"] = SHOWCASE[i], b, a
     rows = grid_rows(eval_set, queries, before_hits, after_hits, qrels=eval_set.attribute_qrels)
-    image_grid_png(rows, grid_path, title=f"fashion catalog, {len(evaluation)} held-out products: top 5 images")
+    image_grid_png(
+        rows, grid_path, title=f"fashion catalog, {len(evaluation)} held-out products: top 5 images"
+    )
 
     after_metrics = after.metrics
     result = {
@@ -145,14 +187,29 @@ def main() -> None:
         "loss_by_epoch": [round(x, 4) for x in train_result.loss_by_epoch()],
         "mode": "tune (validation slice of the training products)" if args.tune else "held-out products",
         "dataset": args.data.name,
-        "products": {"usable": len(pairs), "left_out": len(pairs.bad), "converted_to_rgb": ref.converted,
-                     "trained_on": len(train), "evaluated_on": len(evaluation)},
-        "split": {"by": "sha256 of salt + product id", "holdout_fraction": HOLDOUT_FRACTION,
-                  "validation_fraction": VALIDATION_FRACTION if args.tune else None},
-        "queries": {"caption": len(eval_set.caption_qrels), "attribute": len(eval_set.attribute_queries),
-                    "attribute_template": "{gender} {baseColour} {articleType}", "image": len(eval_set.image_qrels)},
-        "before": {"system": before.system, "metrics": {k: round(v, 4) for k, v in before.metrics.items()},
-                   "note": "untrained (randomly initialised, seeded) image tower: near random by construction"},
+        "products": {
+            "usable": len(pairs),
+            "left_out": len(pairs.bad),
+            "converted_to_rgb": ref.converted,
+            "trained_on": len(train),
+            "evaluated_on": len(evaluation),
+        },
+        "split": {
+            "by": "sha256 of salt + product id",
+            "holdout_fraction": HOLDOUT_FRACTION,
+            "validation_fraction": VALIDATION_FRACTION if args.tune else None,
+        },
+        "queries": {
+            "caption": len(eval_set.caption_qrels),
+            "attribute": len(eval_set.attribute_queries),
+            "attribute_template": "{gender} {baseColour} {articleType}",
+            "image": len(eval_set.image_qrels),
+        },
+        "before": {
+            "system": before.system,
+            "metrics": {k: round(v, 4) for k, v in before.metrics.items()},
+            "note": "untrained (randomly initialised, seeded) image tower: near random by construction",
+        },
         "after": {"system": after.system, "metrics": {k: round(v, 4) for k, v in after.metrics.items()}},
         "settings": config.model_dump(mode="json"),
         "text_tower": "all-MiniLM-L6-v2 (bundled, frozen, max_seq_length 64)",
@@ -160,10 +217,14 @@ def main() -> None:
         "model_dir": str(saved),
         "caption_encoding_seconds": round(encode_seconds, 1),
         "grid": str(grid_path.relative_to(ROOT)) if grid_path.is_relative_to(ROOT) else str(grid_path),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "loadavg_start": [round(x, 2) for x in load_start],
-                    "loadavg_end": [round(x, 2) for x in load_end]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in load_end],
+        },
         "total_seconds": round(time.time() - started, 1),
         "seed": config.seed,
         "numpy": np.__version__,

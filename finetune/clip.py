@@ -49,41 +49,89 @@ class ClipTrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(16, ge=1, le=1000, description="passes over the training pairs (the plan; the time "
-                                                        "budget may shorten it after the first epoch)")
-    max_train_minutes: float = Field(40.0, gt=0, description="training-time budget: after the first epoch the plan is "
-                                                             "cut to the epochs that fit, and training stops at the "
-                                                             "budget in any case")
-    batch_size: int = Field(256, ge=2, description="pairs per step; each pair's other pairs in the batch are its "
-                                                   "negatives")
-    learning_rate: float = Field(2e-3, gt=0, description="peak learning rate of the image tower trained from scratch "
-                                                         "(locked-text path)")
-    clip_learning_rate: float = Field(1e-5, gt=0, description="peak learning rate when fine-tuning a CLIP model")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases or the temperature)")
-    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming the learning rate up")
-    initial_temperature: float = Field(0.07, gt=0, le=1, description="starting softmax temperature of the contrastive "
-                                                                     "loss (learned from there; CLIP's 0.07)")
-    augment: bool = Field(True, description="random flips, small zoom/shift and mild brightness/contrast changes "
-                                            "(never hue: colour is what queries ask for)")
+    epochs: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="passes over the training pairs (the plan; the time "
+        "budget may shorten it after the first epoch)",
+    )
+    max_train_minutes: float = Field(
+        40.0,
+        gt=0,
+        description="training-time budget: after the first epoch the plan is "
+        "cut to the epochs that fit, and training stops at the "
+        "budget in any case",
+    )
+    batch_size: int = Field(
+        256, ge=2, description="pairs per step; each pair's other pairs in the batch are its negatives"
+    )
+    learning_rate: float = Field(
+        2e-3,
+        gt=0,
+        description="peak learning rate of the image tower trained from scratch (locked-text path)",
+    )
+    clip_learning_rate: float = Field(
+        1e-5, gt=0, description="peak learning rate when fine-tuning a CLIP model"
+    )
+    weight_decay: float = Field(
+        0.05, ge=0, description="AdamW weight decay (not on norms, biases or the temperature)"
+    )
+    warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of the steps spent warming the learning rate up"
+    )
+    initial_temperature: float = Field(
+        0.07,
+        gt=0,
+        le=1,
+        description="starting softmax temperature of the contrastive loss (learned from there; CLIP's 0.07)",
+    )
+    augment: bool = Field(
+        True,
+        description="random flips, small zoom/shift and mild brightness/contrast changes "
+        "(never hue: colour is what queries ask for)",
+    )
     extra_caption_templates: list[str] = Field(
         default_factory=list,
         description="more captions per product from other field templates (e.g. '{articleType}, {baseColour}, "
-                    "{gender}'); each step pairs an image with one of its captions at random (text augmentation)")
-    batch_clusters: int = Field(0, ge=0, description="locked-text path: 0 draws batches at random; k > 0 groups the "
-                                                     "captions into k clusters (k-means on their text vectors) and "
-                                                     "builds each batch from 4 clusters, so negatives are similar "
-                                                     "products (topic-aware sampling, as TAS-B)")
-    tower_width: int = Field(32, ge=4, le=512, description="channels of the image tower's first stage (doubled at "
-                                                           "each of its four stages)")
-    tower_blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1, max_length=6,
-                                    description="residual blocks per stage of the image tower")
+        "{gender}'); each step pairs an image with one of its captions at random (text augmentation)",
+    )
+    batch_clusters: int = Field(
+        0,
+        ge=0,
+        description="locked-text path: 0 draws batches at random; k > 0 groups the "
+        "captions into k clusters (k-means on their text vectors) and "
+        "builds each batch from 4 clusters, so negatives are similar "
+        "products (topic-aware sampling, as TAS-B)",
+    )
+    tower_width: int = Field(
+        32,
+        ge=4,
+        le=512,
+        description="channels of the image tower's first stage (doubled at each of its four stages)",
+    )
+    tower_blocks: list[int] = Field(
+        default_factory=lambda: [1, 1, 1, 1],
+        min_length=1,
+        max_length=6,
+        description="residual blocks per stage of the image tower",
+    )
     freeze_text: bool = Field(False, description="CLIP path: keep the text tower's weights fixed")
     freeze_image: bool = Field(False, description="CLIP path: keep the image tower's weights fixed")
-    wise_ft_ratio: float = Field(0.5, ge=0, le=1, description="CLIP path: weight of the fine-tuned weights when "
-                                                             "interpolating with the zero-shot ones (WiSE-FT); 1 keeps "
-                                                             "the fine-tuned model, 0 the zero-shot one")
-    mixed_precision: bool = Field(True, description="bfloat16 autocast when training on a GPU; always off on CPU")
-    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints (also written at each epoch's end)")
+    wise_ft_ratio: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="CLIP path: weight of the fine-tuned weights when "
+        "interpolating with the zero-shot ones (WiSE-FT); 1 keeps "
+        "the fine-tuned model, 0 the zero-shot one",
+    )
+    mixed_precision: bool = Field(
+        True, description="bfloat16 autocast when training on a GPU; always off on CPU"
+    )
+    checkpoint_every: int = Field(
+        200, ge=1, description="steps between checkpoints (also written at each epoch's end)"
+    )
     seed: int = Field(0, description="seed of initialisation, batch order and augmentations")
 
 
@@ -111,7 +159,7 @@ class TrainResult:
 
     def loss_by_epoch(self) -> list[float]:
         per = max(self.steps_per_epoch, 1)
-        return [float(np.mean(self.losses[i:i + per])) for i in range(0, len(self.losses), per)]
+        return [float(np.mean(self.losses[i : i + per])) for i in range(0, len(self.losses), per)]
 
 
 # ------------------------------------------------------------------------------------ the shared loop
@@ -153,7 +201,9 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _weight_decay_groups(named_params: Sequence[tuple[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
+def _weight_decay_groups(
+    named_params: Sequence[tuple[str, Any]], weight_decay: float
+) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, param in named_params:
         if not param.requires_grad:
@@ -168,8 +218,9 @@ def epochs_that_fit(planned: int, first_epoch_seconds: float, budget_seconds: fl
     return max(1, min(planned, int(budget_seconds // max(first_epoch_seconds, 1e-9))))
 
 
-def epoch_order(n_pairs: int, seed: int, epoch: int, clusters: np.ndarray | None = None,
-                chunk: int = 64) -> np.ndarray:
+def epoch_order(
+    n_pairs: int, seed: int, epoch: int, clusters: np.ndarray | None = None, chunk: int = 64
+) -> np.ndarray:
     """The order products are visited in one epoch; consecutive batch-size slices are the batches.
 
     Random, or with ``clusters``: each cluster shuffled and cut into chunks of ``chunk`` products,
@@ -182,7 +233,7 @@ def epoch_order(n_pairs: int, seed: int, epoch: int, clusters: np.ndarray | None
     pieces = []
     for cluster in np.unique(clusters):
         members = rng.permutation(np.flatnonzero(clusters == cluster))
-        pieces += [members[i:i + chunk] for i in range(0, len(members), chunk)]
+        pieces += [members[i : i + chunk] for i in range(0, len(members), chunk)]
     return np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
 
 
@@ -219,7 +270,9 @@ def _run_loop(
     from transformers import get_cosine_schedule_with_warmup
 
     batch_size = min(config.batch_size, n_pairs)
-    steps_per_epoch = max(1, n_pairs // batch_size)  # drop the ragged last batch: every step sees a full batch
+    steps_per_epoch = max(
+        1, n_pairs // batch_size
+    )  # drop the ragged last batch: every step sees a full batch
     plan = {"epochs": config.epochs}
 
     def schedule(last_step: int = -1):
@@ -230,8 +283,12 @@ def _run_loop(
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", peak_lr)
     scheduler = schedule()
-    result = TrainResult(steps_per_epoch=steps_per_epoch, epochs_planned=config.epochs, device=device,
-                         mixed_precision=mixed_precision)
+    result = TrainResult(
+        steps_per_epoch=steps_per_epoch,
+        epochs_planned=config.epochs,
+        device=device,
+        mixed_precision=mixed_precision,
+    )
     global_step, spent, spent_cpu = 0, 0.0, 0.0
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     if checkpoint is not None and checkpoint.is_file():
@@ -249,22 +306,27 @@ def _run_loop(
             result.resumed_from_step = global_step
             log.info("resuming training from %s at step %d", checkpoint, global_step)
         else:
-            log.warning("ignoring checkpoint %s: it belongs to another run (data or settings changed)", checkpoint)
+            log.warning(
+                "ignoring checkpoint %s: it belongs to another run (data or settings changed)", checkpoint
+            )
 
     def save_checkpoint() -> None:
         if checkpoint is None:
             return
-        _atomic_torch_save({
-            "run_key": run_key,
-            "modules": {name: module.state_dict() for name, module in modules.items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "global_step": global_step,
-            "planned_epochs": plan["epochs"],
-            "seconds": spent + (time.time() - started),
-            "cpu_seconds": spent_cpu + (time.process_time() - cpu_started),
-            "losses": result.losses,
-        }, checkpoint)
+        _atomic_torch_save(
+            {
+                "run_key": run_key,
+                "modules": {name: module.state_dict() for name, module in modules.items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "global_step": global_step,
+                "planned_epochs": plan["epochs"],
+                "seconds": spent + (time.time() - started),
+                "cpu_seconds": spent_cpu + (time.process_time() - cpu_started),
+                "losses": result.losses,
+            },
+            checkpoint,
+        )
 
     started, cpu_started = time.time(), time.process_time()
     budget = config.max_train_minutes * 60.0
@@ -276,16 +338,24 @@ def _run_loop(
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return torch.autocast(device_type="cpu", enabled=False)
 
-    progress = tqdm(total=plan["epochs"] * steps_per_epoch, initial=global_step, desc="training", unit="step",
-                    disable=not show_progress, mininterval=5.0)
+    progress = tqdm(
+        total=plan["epochs"] * steps_per_epoch,
+        initial=global_step,
+        desc="training",
+        unit="step",
+        disable=not show_progress,
+        mininterval=5.0,
+    )
     with keep_freed_memory():
         order_of: dict[int, np.ndarray] = {}
         while global_step < plan["epochs"] * steps_per_epoch:
             epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
             if epoch not in order_of:
-                order_of = {epoch: epoch_order(n_pairs, config.seed, epoch, clusters, max(1, batch_size // 4))}
+                order_of = {
+                    epoch: epoch_order(n_pairs, config.seed, epoch, clusters, max(1, batch_size // 4))
+                }
             order = order_of[epoch]
-            indices = np.sort(order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size])
+            indices = np.sort(order[step_in_epoch * batch_size : (step_in_epoch + 1) * batch_size])
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + global_step)
             with autocast():
                 loss = loss_for_batch(indices, generator)
@@ -302,8 +372,14 @@ def _run_loop(
             if end_of_epoch and global_step == steps_per_epoch and plan["epochs"] > 1:
                 fits = epochs_that_fit(plan["epochs"], elapsed, budget)
                 if fits < plan["epochs"]:
-                    log.warning("one epoch took %.0f s: %d of the %d planned epochs fit the %.0f-minute budget; "
-                                "re-planning the schedule", elapsed, fits, plan["epochs"], config.max_train_minutes)
+                    log.warning(
+                        "one epoch took %.0f s: %d of the %d planned epochs fit the %.0f-minute budget; "
+                        "re-planning the schedule",
+                        elapsed,
+                        fits,
+                        plan["epochs"],
+                        config.max_train_minutes,
+                    )
                     plan["epochs"] = fits
                     scheduler = schedule(global_step - 1)
                     progress.total = plan["epochs"] * steps_per_epoch
@@ -313,8 +389,12 @@ def _run_loop(
             if on_step is not None:
                 on_step(global_step, result.losses[-1])
             if elapsed > budget and global_step < plan["epochs"] * steps_per_epoch:
-                log.warning("training stopped by the %.0f-minute budget at step %d of %d", config.max_train_minutes,
-                            global_step, plan["epochs"] * steps_per_epoch)
+                log.warning(
+                    "training stopped by the %.0f-minute budget at step %d of %d",
+                    config.max_train_minutes,
+                    global_step,
+                    plan["epochs"] * steps_per_epoch,
+                )
                 result.stopped_by_budget = True
                 save_checkpoint()
                 break
@@ -391,7 +471,9 @@ def train_lit(
     if captions is None:
         group_ids = np.arange(n_views * len(pixels)).reshape(n_views, len(pixels))
     else:
-        nested = [list(captions)] if n_views == 1 and isinstance(captions[0], str) else [list(c) for c in captions]
+        nested = (
+            [list(captions)] if n_views == 1 and isinstance(captions[0], str) else [list(c) for c in captions]
+        )
         group_ids = caption_groups([c for view in nested for c in view]).reshape(n_views, len(pixels))
     group_of = torch.from_numpy(group_ids)
     images = torch.from_numpy(np.ascontiguousarray(pixels))
@@ -401,18 +483,35 @@ def train_lit(
         batch = images[index]
         inputs = augment_batch(batch, generator) if config.augment else batch
         # one of each pair's captions (always the first with a single view)
-        view = torch.randint(n_views, (len(index),), generator=generator) if n_views > 1 else torch.zeros_like(index)
+        view = (
+            torch.randint(n_views, (len(index),), generator=generator)
+            if n_views > 1
+            else torch.zeros_like(index)
+        )
         image_emb = F.normalize(tower(inputs), dim=-1)
         scale = logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
         logits = scale * image_emb @ texts[view, index].T
         targets = contrastive_targets(group_of[view, index])
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
-    clusters = caption_clusters(views[0], config.batch_clusters, config.seed) if config.batch_clusters else None
-    result = _run_loop(n_pairs=len(pixels), config=config, modules={"tower": tower, "scale": scale_holder},
-                       optimizer=optimizer, peak_lr=config.learning_rate, loss_for_batch=loss_for_batch,
-                       run_key=run_key, checkpoint_dir=checkpoint_dir, show_progress=show_progress,
-                       on_step=on_step, device="cpu", mixed_precision=False, clusters=clusters)
+    clusters = (
+        caption_clusters(views[0], config.batch_clusters, config.seed) if config.batch_clusters else None
+    )
+    result = _run_loop(
+        n_pairs=len(pixels),
+        config=config,
+        modules={"tower": tower, "scale": scale_holder},
+        optimizer=optimizer,
+        peak_lr=config.learning_rate,
+        loss_for_batch=loss_for_batch,
+        run_key=run_key,
+        checkpoint_dir=checkpoint_dir,
+        show_progress=show_progress,
+        on_step=on_step,
+        device="cpu",
+        mixed_precision=False,
+        clusters=clusters,
+    )
     final_scale = float(logit_scale.detach().clamp(max=math.log(MAX_LOGIT_SCALE)).exp())
     encoder.logit_scale = final_scale
     result.final_temperature = round(1.0 / final_scale, 5)
@@ -444,8 +543,12 @@ def wise_ft(zero_shot: dict[str, Any], fine_tuned: dict[str, Any], ratio: float)
 
 def set_trainable(model: Any, *, freeze_text: bool, freeze_image: bool) -> None:
     """Freeze the text and/or image tower of a CLIPModel (towers and their projections)."""
-    parts = {"text_model": freeze_text, "text_projection": freeze_text,
-             "vision_model": freeze_image, "visual_projection": freeze_image}
+    parts = {
+        "text_model": freeze_text,
+        "text_projection": freeze_text,
+        "vision_model": freeze_image,
+        "visual_projection": freeze_image,
+    }
     for name, frozen in parts.items():
         for param in getattr(model, name).parameters():
             param.requires_grad = not frozen
@@ -482,25 +585,40 @@ def train_clip(
     zero_shot = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
     model.to(device)
     set_trainable(model, freeze_text=config.freeze_text, freeze_image=config.freeze_image)
-    optimizer = torch.optim.AdamW(_weight_decay_groups(list(model.named_parameters()), config.weight_decay),
-                                  lr=config.clip_learning_rate)
+    optimizer = torch.optim.AdamW(
+        _weight_decay_groups(list(model.named_parameters()), config.weight_decay),
+        lr=config.clip_learning_rate,
+    )
 
     def loss_for_batch(indices: np.ndarray, generator: Any) -> Any:
         batch = torch.from_numpy(np.ascontiguousarray(pixels[indices]))
         if config.augment:
             batch = (augment_batch(batch, generator) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-        chosen = torch.randint(len(views), (len(indices),), generator=generator).tolist() if len(views) > 1 \
+        chosen = (
+            torch.randint(len(views), (len(indices),), generator=generator).tolist()
+            if len(views) > 1
             else [0] * len(indices)
+        )
         text = encoder.text_inputs([views[v][i] for v, i in zip(chosen, indices, strict=True)])
         image = encoder.image_inputs(batch.numpy())
         inputs = {k: v.to(device) for k, v in {**text, **image}.items()}
         model.logit_scale.data.clamp_(max=math.log(MAX_LOGIT_SCALE))
         return model(**inputs, return_loss=True).loss
 
-    result = _run_loop(n_pairs=len(pixels), config=config, modules={"model": model}, optimizer=optimizer,
-                       peak_lr=config.clip_learning_rate, loss_for_batch=loss_for_batch, run_key=run_key,
-                       checkpoint_dir=checkpoint_dir, show_progress=show_progress, on_step=on_step,
-                       device=device, mixed_precision=mixed_precision)
+    result = _run_loop(
+        n_pairs=len(pixels),
+        config=config,
+        modules={"model": model},
+        optimizer=optimizer,
+        peak_lr=config.clip_learning_rate,
+        loss_for_batch=loss_for_batch,
+        run_key=run_key,
+        checkpoint_dir=checkpoint_dir,
+        show_progress=show_progress,
+        on_step=on_step,
+        device=device,
+        mixed_precision=mixed_precision,
+    )
     model.to("cpu")
     for param in model.parameters():
         param.requires_grad = True
@@ -520,8 +638,11 @@ def tower_config(config: ClipTrainConfig, image_size: tuple[int, int]) -> Any:
     from tasks.image_tower import ImageTowerConfig
 
     blocks = tuple(config.tower_blocks)
-    return ImageTowerConfig(image_size=tuple(image_size), blocks=blocks,
-                            widths=tuple(config.tower_width * 2**i for i in range(len(blocks))))
+    return ImageTowerConfig(
+        image_size=tuple(image_size),
+        blocks=blocks,
+        widths=tuple(config.tower_width * 2**i for i in range(len(blocks))),
+    )
 
 
 def caption_views(pairs: Any, extra_templates: Sequence[str]) -> list[list[str]]:
@@ -534,10 +655,16 @@ def caption_views(pairs: Any, extra_templates: Sequence[str]) -> list[list[str]]
     for template in extra_templates:
         missing = [f for f in template_fields(template) if attributes and f not in attributes[0]]
         if missing:
-            raise ValueError(f"extra caption template {template!r} names field(s) {missing} that are not catalog "
-                             f"fields; fields: {sorted(attributes[0])}")
-        views.append([render_caption(template, values) or caption
-                      for values, caption in zip(attributes, pairs.captions, strict=True)])
+            raise ValueError(
+                f"extra caption template {template!r} names field(s) {missing} that are not catalog "
+                f"fields; fields: {sorted(attributes[0])}"
+            )
+        views.append(
+            [
+                render_caption(template, values) or caption
+                for values, caption in zip(attributes, pairs.captions, strict=True)
+            ]
+        )
     return views
 
 
@@ -568,21 +695,49 @@ def train_catalog_encoder(
     encoder = initial_encoder(model, tower_config(config, image_size), seed=config.seed)
     if isinstance(encoder, LitEncoder):
         if tuple(pairs.pixels.shape[1:3]) != tuple(encoder.image_size):
-            raise ValueError(f"pairs hold {pairs.pixels.shape[1]}x{pairs.pixels.shape[2]} images but the image tower "
-                             f"takes {encoder.image_size[0]}x{encoder.image_size[1]}")
+            raise ValueError(
+                f"pairs hold {pairs.pixels.shape[1]}x{pairs.pixels.shape[2]} images but the image tower "
+                f"takes {encoder.image_size[0]}x{encoder.image_size[1]}"
+            )
         captions = caption_views(pairs, config.extra_caption_templates)
-        text_vectors = np.stack([cached_text_embeddings(encoder, view, workspace, show_progress=show_progress)
-                                 for view in captions])
-        result = train_lit(encoder, pairs.pixels, text_vectors, config, captions=captions, run_key=run_key,
-                           checkpoint_dir=checkpoint_dir, show_progress=show_progress, on_step=on_step)
+        text_vectors = np.stack(
+            [
+                cached_text_embeddings(encoder, view, workspace, show_progress=show_progress)
+                for view in captions
+            ]
+        )
+        result = train_lit(
+            encoder,
+            pairs.pixels,
+            text_vectors,
+            config,
+            captions=captions,
+            run_key=run_key,
+            checkpoint_dir=checkpoint_dir,
+            show_progress=show_progress,
+            on_step=on_step,
+        )
         path = "locked-text (LiT): frozen text tower, image tower trained from scratch"
     else:
-        result = train_clip(encoder, pairs.pixels, caption_views(pairs, config.extra_caption_templates), config,
-                            run_key=run_key,
-                            checkpoint_dir=checkpoint_dir, show_progress=show_progress, on_step=on_step)
+        result = train_clip(
+            encoder,
+            pairs.pixels,
+            caption_views(pairs, config.extra_caption_templates),
+            config,
+            run_key=run_key,
+            checkpoint_dir=checkpoint_dir,
+            show_progress=show_progress,
+            on_step=on_step,
+        )
         path = f"CLIP fine-tuning, WiSE-FT ratio {config.wise_ft_ratio}"
-    trained = {"from": str(model), "path": path, "pairs": len(pairs), "settings": config.model_dump(mode="json"),
-               "result": {k: v for k, v in result.to_dict().items() if k != "losses"}, **(card or {})}
+    trained = {
+        "from": str(model),
+        "path": path,
+        "pairs": len(pairs),
+        "settings": config.model_dump(mode="json"),
+        "result": {k: v for k, v in result.to_dict().items() if k != "losses"},
+        **(card or {}),
+    }
     saved = encoder.save(output_dir, extra={"trained": trained})
     return saved, result
 
@@ -618,24 +773,44 @@ def train_stage(
     pairs = load_pairs(pairs_path)
     train_pairs, held_out = split_pairs(pairs, holdout_fraction, salt=split_salt)
     if len(train_pairs) < 2:
-        raise ValueError(f"only {len(train_pairs)} product(s) left to train on after holding out "
-                         f"{len(held_out)}; lower the held-out fraction or add products")
+        raise ValueError(
+            f"only {len(train_pairs)} product(s) left to train on after holding out "
+            f"{len(held_out)}; lower the held-out fraction or add products"
+        )
     settings = {"train": config.model_dump(mode="json"), "image_size": list(image_size)}
-    key = stage_key(TRAIN_STAGE, settings, inputs=[train_pairs.key], models=[resolve_model(model).fingerprint])
+    key = stage_key(
+        TRAIN_STAGE, settings, inputs=[train_pairs.key], models=[resolve_model(model).fingerprint]
+    )
     folder = Path(workspace) / TRAIN_STAGE / key
     model_dir, result_file = folder / MODEL_SUBDIR, folder / RESULT_FILE
     if result_file.is_file() and model_dir.is_dir():
         log.info("reusing the trained model at %s (same model, pairs and settings)", model_dir)
         return {**json.loads(result_file.read_text()), "reused": True}
     saved, result = train_catalog_encoder(
-        model, train_pairs, config, model_dir, image_size=image_size, workspace=workspace, run_key=key,
-        checkpoint_dir=folder, show_progress=show_progress, on_step=on_step,
-        card={"pairs_key": train_pairs.key, "held_out_products": len(held_out)})
+        model,
+        train_pairs,
+        config,
+        model_dir,
+        image_size=image_size,
+        workspace=workspace,
+        run_key=key,
+        checkpoint_dir=folder,
+        show_progress=show_progress,
+        on_step=on_step,
+        card={"pairs_key": train_pairs.key, "held_out_products": len(held_out)},
+    )
     curve = [(i / result.steps_per_epoch, loss) for i, loss in enumerate(result.losses, start=1)]
-    plot = plot_series({"contrastive loss": curve}, folder / "loss.png", title="training loss",
-                       xlabel="epoch", ylabel="loss")
-    summary = {"model_dir": str(saved), "key": key, "loss_plot": str(plot), "trained_on": len(train_pairs),
-               "held_out": len(held_out), "result": result.to_dict()}
+    plot = plot_series(
+        {"contrastive loss": curve}, folder / "loss.png", title="training loss", xlabel="epoch", ylabel="loss"
+    )
+    summary = {
+        "model_dir": str(saved),
+        "key": key,
+        "loss_plot": str(plot),
+        "trained_on": len(train_pairs),
+        "held_out": len(held_out),
+        "result": result.to_dict(),
+    }
     write_json_atomic(result_file, summary)  # written last: its presence means the stage is complete
     (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
     return {**summary, "reused": False}

@@ -27,13 +27,16 @@ class GridRow:
     after: list[tuple[np.ndarray, bool | None]]
 
 
-def pick_showcase_queries(eval_set: CatalogEvalSet, before: CatalogReport, after: CatalogReport, n: int = 4,
-                          metric: str = "nDCG@10") -> list[str]:
+def pick_showcase_queries(
+    eval_set: CatalogEvalSet, before: CatalogReport, after: CatalogReport, n: int = 4, metric: str = "nDCG@10"
+) -> list[str]:
     """Attribute queries to show: those that changed most, at most one per value of the last field
     (e.g. one per articleType), preferring queries with several relevant products."""
     b, a = before.attribute.per_query[metric], after.attribute.per_query[metric]
-    ranked = sorted(eval_set.attribute_queries,
-                    key=lambda q: (-(a.get(q, 0.0) - b.get(q, 0.0)), -len(eval_set.attribute_qrels.get(q, {})), q))
+    ranked = sorted(
+        eval_set.attribute_queries,
+        key=lambda q: (-(a.get(q, 0.0) - b.get(q, 0.0)), -len(eval_set.attribute_qrels.get(q, {})), q),
+    )
     chosen: list[str] = []
     seen_tails: set[str] = set()
     for query_id in ranked:
@@ -49,16 +52,28 @@ def pick_showcase_queries(eval_set: CatalogEvalSet, before: CatalogReport, after
     return chosen
 
 
-def search_texts(query_vectors: np.ndarray, image_vectors: np.ndarray, doc_ids: Sequence[str], k: int) -> list[list[str]]:
+def search_texts(
+    query_vectors: np.ndarray, image_vectors: np.ndarray, doc_ids: Sequence[str], k: int
+) -> list[list[str]]:
     """Top-k product ids per query vector (exact cosine)."""
-    run = search_index(exact_index(image_vectors), list(doc_ids), [str(i) for i in range(len(query_vectors))],
-                       query_vectors, top_k=k)
+    run = search_index(
+        exact_index(image_vectors),
+        list(doc_ids),
+        [str(i) for i in range(len(query_vectors))],
+        query_vectors,
+        top_k=k,
+    )
     return [sorted(run[str(i)], key=run[str(i)].get, reverse=True) for i in range(len(query_vectors))]
 
 
-def grid_rows(eval_set: CatalogEvalSet, queries: Mapping[str, str], before_hits: Mapping[str, Sequence[str]],
-              after_hits: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]] | None = None,
-              k: int = 5) -> list[GridRow]:
+def grid_rows(
+    eval_set: CatalogEvalSet,
+    queries: Mapping[str, str],
+    before_hits: Mapping[str, Sequence[str]],
+    after_hits: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, Mapping[str, int]] | None = None,
+    k: int = 5,
+) -> list[GridRow]:
     """Rows for :func:`image_grid_png` from hit lists (product ids) of the eval set's gallery."""
     position = {d: i for i, d in enumerate(eval_set.doc_ids)}
     rows = []
@@ -66,15 +81,23 @@ def grid_rows(eval_set: CatalogEvalSet, queries: Mapping[str, str], before_hits:
         relevant = qrels.get(query_id) if qrels is not None else None
 
         def cells(hits: Sequence[str], relevant=relevant) -> list[tuple[np.ndarray, bool | None]]:
-            return [(eval_set.pixels[position[d]], None if relevant is None else relevant.get(d, 0) > 0)
-                    for d in list(hits)[:k]]
+            return [
+                (eval_set.pixels[position[d]], None if relevant is None else relevant.get(d, 0) > 0)
+                for d in list(hits)[:k]
+            ]
 
         rows.append(GridRow(text, cells(before_hits.get(query_id, [])), cells(after_hits.get(query_id, []))))
     return rows
 
 
-def image_grid_png(rows: Sequence[GridRow], path: str | Path, *, title: str, before_label: str = "before",
-                   after_label: str = "after") -> Path:
+def image_grid_png(
+    rows: Sequence[GridRow],
+    path: str | Path,
+    *,
+    title: str,
+    before_label: str = "before",
+    after_label: str = "after",
+) -> Path:
     """The grid as a PNG: query | top-k before | top-k after."""
     import matplotlib
 
@@ -85,17 +108,23 @@ def image_grid_png(rows: Sequence[GridRow], path: str | Path, *, title: str, bef
     path.parent.mkdir(parents=True, exist_ok=True)
     k = max([len(r.before) for r in rows] + [len(r.after) for r in rows] + [1])
     columns = 2 * k + 2  # query text, k before, a gap, k after
-    figure, axes = plt.subplots(len(rows), columns, figsize=(0.95 * columns + 0.8, 1.45 * len(rows) + 0.6),
-                                dpi=110, squeeze=False,
-                                gridspec_kw={"width_ratios": [1.9] + [1] * k + [0.25] + [1] * k})
+    figure, axes = plt.subplots(
+        len(rows),
+        columns,
+        figsize=(0.95 * columns + 0.8, 1.45 * len(rows) + 0.6),
+        dpi=110,
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1.9] + [1] * k + [0.25] + [1] * k},
+    )
     for r, row in enumerate(rows):
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-        axes[r][0].text(0.0, 0.5, _wrap(row.query, 24), va="center", ha="left", fontsize=8,
-                        transform=axes[r][0].transAxes)
+        axes[r][0].text(
+            0.0, 0.5, _wrap(row.query, 24), va="center", ha="left", fontsize=8, transform=axes[r][0].transAxes
+        )
         for offset, hits in ((1, row.before), (k + 2, row.after)):
             for j, (pixels, relevant) in enumerate(hits):
                 ax = axes[r][offset + j]
@@ -133,16 +162,22 @@ def catalog_report_markdown(
     parts = [f"# {title}", "", catalog_metrics_markdown(reports), ""]
     parts += [f"* {note}" for note in notes]
     if grid:
-        parts += ["", f"Top images before and after (green: has the queried attributes, red: does not): `{grid}`",
-                  "", f"![top images before and after]({Path(grid).resolve().as_uri()})"]
+        parts += [
+            "",
+            f"Top images before and after (green: has the queried attributes, red: does not): `{grid}`",
+            "",
+            f"![top images before and after]({Path(grid).resolve().as_uri()})",
+        ]
     parts += ["", "## Timings", "", timings]
     if left_out:
         parts += ["", "## Products left out", "", left_out]
     return "\n".join(parts) + "\n"
 
 
-def report_summary(report: CatalogReport, keys: Sequence[str] = ("caption_recall@10", "attribute_ndcg@10",
-                                                                 "image_precision@10")) -> dict[str, Any]:
+def report_summary(
+    report: CatalogReport,
+    keys: Sequence[str] = ("caption_recall@10", "attribute_ndcg@10", "image_precision@10"),
+) -> dict[str, Any]:
     return {k: round(report.metrics[k], 4) for k in keys}
 
 
@@ -181,16 +216,28 @@ def evaluate_catalog_model(
     pairs = load_pairs(pairs_path)
     _, held_out = split_pairs(pairs, holdout_fraction, salt=split_salt)
     if len(held_out) < 2:
-        raise DataError(pairs.source, None, f"only {len(held_out)} of {len(pairs)} products are held out for "
-                                            f"evaluation with a held-out fraction of {holdout_fraction}; raise it")
+        raise DataError(
+            pairs.source,
+            None,
+            f"only {len(held_out)} of {len(pairs)} products are held out for "
+            f"evaluation with a held-out fraction of {holdout_fraction}; raise it",
+        )
     try:
-        eval_set = catalog_eval_set(held_out, attribute_templates=attribute_templates, group_field=group_field)
+        eval_set = catalog_eval_set(
+            held_out, attribute_templates=attribute_templates, group_field=group_field
+        )
     except ValueError as exc:
         raise DataError(pairs.source, None, str(exc)) from None
     encoder = initial_encoder(model, tower, seed=seed) if tower is not None else load_catalog_encoder(model)
     image_vectors = encoder.encode_images(eval_set.pixels, show_progress=show_progress)
-    report = evaluate_catalog_encoder(encoder, eval_set, system=system, workspace=workspace,
-                                      image_embeddings=image_vectors, show_progress=show_progress)
+    report = evaluate_catalog_encoder(
+        encoder,
+        eval_set,
+        system=system,
+        workspace=workspace,
+        image_embeddings=image_vectors,
+        show_progress=show_progress,
+    )
     if tower is not None:
         report.notes = "untrained image tower (random, seeded initialisation): near random by construction"
     showcase = {}
@@ -243,22 +290,35 @@ def publish_catalog_report(
     grid = None
     if queries:
         rows = grid_rows(eval_set, queries, before_hits, after_hits, qrels=eval_set.attribute_qrels)
-        grid = image_grid_png(rows, output_dir / "top-images.png", before_label=f"before: {before.system}",
-                              after_label=f"after: {after.system}",
-                              title=f"{Path(pairs.source).name}: top 5 of {len(eval_set.doc_ids)} held-out products")
-    report_notes = [f"{len(eval_set.doc_ids)} held-out products (never trained on): "
-                    f"{len(eval_set.caption_qrels)} caption queries, {len(eval_set.attribute_queries)} attribute "
-                    f"queries ({'; '.join(attribute_templates)}), {len(eval_set.image_qrels)} image queries "
-                    f"(relevant: same {group_field})."]
+        grid = image_grid_png(
+            rows,
+            output_dir / "top-images.png",
+            before_label=f"before: {before.system}",
+            after_label=f"after: {after.system}",
+            title=f"{Path(pairs.source).name}: top 5 of {len(eval_set.doc_ids)} held-out products",
+        )
+    report_notes = [
+        f"{len(eval_set.doc_ids)} held-out products (never trained on): "
+        f"{len(eval_set.caption_qrels)} caption queries, {len(eval_set.attribute_queries)} attribute "
+        f"queries ({'; '.join(attribute_templates)}), {len(eval_set.image_qrels)} image queries "
+        f"(relevant: same {group_field})."
+    ]
     report_notes += [f"{r.system}: {r.notes}" for r in catalog_reports if r.notes]
     report_notes += list(notes)
-    markdown = catalog_report_markdown(title=title, reports=catalog_reports, grid=grid,
-                                       timings=timings_markdown(timings or {}), notes=report_notes,
-                                       left_out=bad_images_markdown(pairs.bad))
+    markdown = catalog_report_markdown(
+        title=title,
+        reports=catalog_reports,
+        grid=grid,
+        timings=timings_markdown(timings or {}),
+        notes=report_notes,
+        left_out=bad_images_markdown(pairs.bad),
+    )
     path = output_dir / "report.md"
     output_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(markdown)
-    publish_markdown(markdown, key=artifact_key, description="image/text metrics before/after, top images, timings")
+    publish_markdown(
+        markdown, key=artifact_key, description="image/text metrics before/after, top images, timings"
+    )
     return {"markdown": str(path), "grid": str(grid) if grid else ""}
 
 
@@ -266,6 +326,7 @@ def publish_catalog_report(
 
 from prefect import task  # noqa: E402
 
-evaluate_catalog_model_task = task(evaluate_catalog_model, name="evaluate-catalog-model",
-                                   task_run_name="evaluate {system}")
+evaluate_catalog_model_task = task(
+    evaluate_catalog_model, name="evaluate-catalog-model", task_run_name="evaluate {system}"
+)
 publish_catalog_report_task = task(publish_catalog_report, name="catalog-report")

@@ -53,7 +53,9 @@ def images_to_array(images: Any, size: tuple[int, int]) -> np.ndarray:
 
     if isinstance(images, np.ndarray):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 array (N, height, width, 3), got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"expected a uint8 array (N, height, width, 3), got {images.dtype} {images.shape}"
+            )
         if tuple(images.shape[1:3]) == tuple(size):
             return images
     out = np.empty((len(images), *size, 3), dtype=np.uint8)
@@ -91,8 +93,17 @@ class LitEncoder:
 
     kind = "lit"
 
-    def __init__(self, text_model: Any, tower: Any, *, text_fingerprint: str, text_name: str,
-                 logit_scale: float = 1.0 / 0.07, flip_average: bool = True, meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        text_model: Any,
+        tower: Any,
+        *,
+        text_fingerprint: str,
+        text_name: str,
+        logit_scale: float = 1.0 / 0.07,
+        flip_average: bool = True,
+        meta: dict[str, Any] | None = None,
+    ):
         self.text_model = text_model
         self.tower = tower
         # an image's vector is the mean of it and its mirror image (product photos look the same
@@ -111,9 +122,16 @@ class LitEncoder:
     def embedding_dim(self) -> int:
         return int(self.tower.config.embedding_dim)
 
-    def encode_text(self, texts: Sequence[str], *, batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
-        embeddings = self.text_model.encode(list(texts), batch_size=batch_size, show_progress_bar=show_progress,
-                                            convert_to_numpy=True, normalize_embeddings=True)
+    def encode_text(
+        self, texts: Sequence[str], *, batch_size: int = 128, show_progress: bool = False
+    ) -> np.ndarray:
+        embeddings = self.text_model.encode(
+            list(texts),
+            batch_size=batch_size,
+            show_progress_bar=show_progress,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        )
         return np.ascontiguousarray(embeddings, dtype=np.float32)
 
     def encode_images(self, images: Any, *, batch_size: int = 256, show_progress: bool = False) -> np.ndarray:
@@ -124,12 +142,14 @@ class LitEncoder:
         self.tower.eval()
         out = np.empty((len(pixels), self.embedding_dim), dtype=np.float32)
         with torch.inference_mode():
-            for start in tqdm(range(0, len(pixels), batch_size), desc="encoding images", disable=not show_progress):
-                batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch_size]))
+            for start in tqdm(
+                range(0, len(pixels), batch_size), desc="encoding images", disable=not show_progress
+            ):
+                batch = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size]))
                 vectors = torch.nn.functional.normalize(self.tower(batch), dim=-1)
                 if self.flip_average:
                     vectors = vectors + torch.nn.functional.normalize(self.tower(batch.flip(2)), dim=-1)
-                out[start:start + batch_size] = torch.nn.functional.normalize(vectors, dim=-1).numpy()
+                out[start : start + batch_size] = torch.nn.functional.normalize(vectors, dim=-1).numpy()
         return out
 
     def save(self, target: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
@@ -140,11 +160,18 @@ class LitEncoder:
             text_source = Path(self.meta.get("text_path") or resolve_model(self.text_name).path)
             shutil.copytree(text_source, folder / TEXT_DIR, ignore=shutil.ignore_patterns(".git*", "*.lock"))
             self.tower.save(folder / TOWER_DIR)
-            card = {"format": FORMAT_VERSION, "kind": self.kind, "embedding_dim": self.embedding_dim,
-                    "image_size": list(self.image_size), "text_model": self.text_name,
-                    "text_fingerprint": self.text_fingerprint, "logit_scale": self.logit_scale,
-                    "flip_average": self.flip_average,
-                    **{k: v for k, v in self.meta.items() if k != "text_path"}, **(extra or {})}
+            card = {
+                "format": FORMAT_VERSION,
+                "kind": self.kind,
+                "embedding_dim": self.embedding_dim,
+                "image_size": list(self.image_size),
+                "text_model": self.text_name,
+                "text_fingerprint": self.text_fingerprint,
+                "logit_scale": self.logit_scale,
+                "flip_average": self.flip_average,
+                **{k: v for k, v in self.meta.items() if k != "text_path"},
+                **(extra or {}),
+            }
             (folder / ENCODER_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
 
         return _write_dir_atomically(Path(target), write)
@@ -155,10 +182,14 @@ class ClipEncoder:
 
     kind = "clip"
 
-    def __init__(self, model: Any, processor: Any, *, fingerprint: str, name: str, meta: dict[str, Any] | None = None):
+    def __init__(
+        self, model: Any, processor: Any, *, fingerprint: str, name: str, meta: dict[str, Any] | None = None
+    ):
         self.model = model
         self.processor = processor
-        self.text_fingerprint = f"clip-{fingerprint}"  # the text tower may be fine-tuned: key on the whole model
+        self.text_fingerprint = (
+            f"clip-{fingerprint}"  # the text tower may be fine-tuned: key on the whole model
+        )
         self.name = name
         self.meta = dict(meta or {})
 
@@ -177,22 +208,27 @@ class ClipEncoder:
 
     def text_inputs(self, texts: Sequence[str]) -> dict[str, Any]:
         max_length = int(self.model.config.text_config.max_position_embeddings)
-        encoded = self.processor(text=list(texts), return_tensors="pt", padding=True, truncation=True,
-                                 max_length=max_length)
+        encoded = self.processor(
+            text=list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
         return {k: encoded[k] for k in ("input_ids", "attention_mask") if k in encoded}
 
     def image_inputs(self, images: Any) -> dict[str, Any]:
         return dict(self.processor(images=images_to_pil(images), return_tensors="pt"))
 
-    def encode_text(self, texts: Sequence[str], *, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+    def encode_text(
+        self, texts: Sequence[str], *, batch_size: int = 64, show_progress: bool = False
+    ) -> np.ndarray:
         import torch
         from tqdm.auto import tqdm
 
         self.model.eval()
         chunks = []
         with torch.inference_mode():
-            for start in tqdm(range(0, len(texts), batch_size), desc="encoding texts", disable=not show_progress):
-                features = self.model.get_text_features(**self.text_inputs(texts[start:start + batch_size]))
+            for start in tqdm(
+                range(0, len(texts), batch_size), desc="encoding texts", disable=not show_progress
+            ):
+                features = self.model.get_text_features(**self.text_inputs(texts[start : start + batch_size]))
                 chunks.append(_features(features).float().numpy())
         return _unit_rows(np.concatenate(chunks) if chunks else np.zeros((0, self.embedding_dim)))
 
@@ -203,18 +239,31 @@ class ClipEncoder:
         self.model.eval()
         chunks = []
         with torch.inference_mode():
-            for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not show_progress):
-                inputs = self.image_inputs(images[start:start + batch_size])
-                chunks.append(_features(self.model.get_image_features(pixel_values=inputs["pixel_values"])).float().numpy())
+            for start in tqdm(
+                range(0, len(images), batch_size), desc="encoding images", disable=not show_progress
+            ):
+                inputs = self.image_inputs(images[start : start + batch_size])
+                chunks.append(
+                    _features(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+                    .float()
+                    .numpy()
+                )
         return _unit_rows(np.concatenate(chunks) if chunks else np.zeros((0, self.embedding_dim)))
 
     def save(self, target: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder, safe_serialization=True)
             self.processor.save_pretrained(folder)
-            card = {"format": FORMAT_VERSION, "kind": self.kind, "embedding_dim": self.embedding_dim,
-                    "image_size": list(self.image_size), "base_model": self.name,
-                    "logit_scale": self.logit_scale, **self.meta, **(extra or {})}
+            card = {
+                "format": FORMAT_VERSION,
+                "kind": self.kind,
+                "embedding_dim": self.embedding_dim,
+                "image_size": list(self.image_size),
+                "base_model": self.name,
+                "logit_scale": self.logit_scale,
+                **self.meta,
+                **(extra or {}),
+            }
             (folder / ENCODER_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
 
         return _write_dir_atomically(Path(target), write)
@@ -270,7 +319,8 @@ def model_kind(model: str | Path) -> str:
         return "text"
     raise ModelNotAvailableError(
         f"{resolved.describe()} is neither a CLIP model (config.json with model_type 'clip'), a "
-        "sentence-transformers text model (modules.json), nor a saved catalog encoder (catalog_encoder.json)")
+        "sentence-transformers text model (modules.json), nor a saved catalog encoder (catalog_encoder.json)"
+    )
 
 
 def load_text_tower(model: Any = DEFAULT_TEXT_MODEL):
@@ -281,8 +331,9 @@ def load_text_tower(model: Any = DEFAULT_TEXT_MODEL):
     return load_sentence_transformer(resolved, max_seq_length=TEXT_MAX_SEQ_LENGTH), resolved
 
 
-def new_lit_encoder(text_model: str | Path = DEFAULT_TEXT_MODEL, tower_config: Any = None, *, seed: int = 0,
-                    text: Any = None) -> LitEncoder:
+def new_lit_encoder(
+    text_model: str | Path = DEFAULT_TEXT_MODEL, tower_config: Any = None, *, seed: int = 0, text: Any = None
+) -> LitEncoder:
     """A locked-text encoder with a freshly initialised (untrained, seeded) image tower."""
     import torch
 
@@ -291,16 +342,24 @@ def new_lit_encoder(text_model: str | Path = DEFAULT_TEXT_MODEL, tower_config: A
 
     resolved = resolve_model(text_model)
     encoder = text if text is not None else load_text_tower(resolved)[0]
-    dim = int(encoder.get_embedding_dimension() if hasattr(encoder, "get_embedding_dimension")
-              else encoder.get_sentence_embedding_dimension())
+    dim = int(
+        encoder.get_embedding_dimension()
+        if hasattr(encoder, "get_embedding_dimension")
+        else encoder.get_sentence_embedding_dimension()
+    )
     config = tower_config or ImageTowerConfig()
     if config.embedding_dim != dim:
         config = type(config)(**{**config.to_dict(), "embedding_dim": dim})
     torch.manual_seed(seed)
     tower = ImageTower(config)
     tower.eval()
-    return LitEncoder(encoder, tower, text_fingerprint=resolved.fingerprint, text_name=str(text_model),
-                      meta={"text_path": str(resolved.path)})
+    return LitEncoder(
+        encoder,
+        tower,
+        text_fingerprint=resolved.fingerprint,
+        text_name=str(text_model),
+        meta={"text_path": str(resolved.path)},
+    )
 
 
 def initial_encoder(model: str | Path, tower: Any = None, *, seed: int = 0) -> LitEncoder | ClipEncoder:
@@ -348,19 +407,38 @@ def load_catalog_encoder(model: str | Path) -> LitEncoder | ClipEncoder:
         text_dir = resolved.path / TEXT_DIR
         text = load_sentence_transformer(str(text_dir), max_seq_length=TEXT_MAX_SEQ_LENGTH)
         tower = ImageTower.load(resolved.path / TOWER_DIR)
-        meta = {k: v for k, v in card.items() if k not in {"format", "kind", "embedding_dim", "image_size",
-                                                              "text_model", "text_fingerprint", "logit_scale",
-                                                              "flip_average"}}
+        meta = {
+            k: v
+            for k, v in card.items()
+            if k
+            not in {
+                "format",
+                "kind",
+                "embedding_dim",
+                "image_size",
+                "text_model",
+                "text_fingerprint",
+                "logit_scale",
+                "flip_average",
+            }
+        }
         meta["text_path"] = str(text_dir)
-        return LitEncoder(text, tower, text_fingerprint=resolve_model(str(text_dir)).fingerprint,
-                          text_name=card.get("text_model", str(text_dir)), logit_scale=card.get("logit_scale", 1 / 0.07),
-                          flip_average=card.get("flip_average", False), meta=meta)
+        return LitEncoder(
+            text,
+            tower,
+            text_fingerprint=resolve_model(str(text_dir)).fingerprint,
+            text_name=card.get("text_model", str(text_dir)),
+            logit_scale=card.get("logit_scale", 1 / 0.07),
+            flip_average=card.get("flip_average", False),
+            meta=meta,
+        )
     if kind in {"clip", "clip-base"}:
         clip, processor, resolved = load_clip_model(resolved.path)
         return ClipEncoder(clip, processor, fingerprint=resolved.fingerprint, name=str(model))
     raise ModelNotAvailableError(
         f"{resolved.describe()} is a text model, not an image/text encoder; train one from it with "
-        "`adapt clip --catalog PATH --model " + str(model) + "`")
+        "`adapt clip --catalog PATH --model " + str(model) + "`"
+    )
 
 
 # ------------------------------------------------------------------------------ cached text vectors
@@ -369,8 +447,14 @@ def load_catalog_encoder(model: str | Path) -> LitEncoder | ClipEncoder:
 TEXT_EMBEDDINGS_STAGE = "text-embeddings"
 
 
-def cached_text_embeddings(encoder: Any, texts: Sequence[str], workspace: str | Path | None, *,
-                           batch_size: int = 128, show_progress: bool = True) -> np.ndarray:
+def cached_text_embeddings(
+    encoder: Any,
+    texts: Sequence[str],
+    workspace: str | Path | None,
+    *,
+    batch_size: int = 128,
+    show_progress: bool = True,
+) -> np.ndarray:
     """``encoder.encode_text(texts)``, stored in the workspace under a key of the text model's
     fingerprint and the texts, so a rerun (or the after-training evaluation of a locked text tower)
     does not encode the same texts again. Without a workspace, just encodes."""
@@ -381,14 +465,21 @@ def cached_text_embeddings(encoder: Any, texts: Sequence[str], workspace: str | 
     from tasks.store import Store, stage_key
 
     digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()[:20]
-    key = stage_key(TEXT_EMBEDDINGS_STAGE, {"n": len(texts)}, inputs=[digest], models=[encoder.text_fingerprint])
+    key = stage_key(
+        TEXT_EMBEDDINGS_STAGE, {"n": len(texts)}, inputs=[digest], models=[encoder.text_fingerprint]
+    )
     store = Store(workspace)
     if store.is_complete(TEXT_EMBEDDINGS_STAGE, key):
         return np.load(store.file(TEXT_EMBEDDINGS_STAGE, key, "embeddings.npy"), allow_pickle=False)
     embeddings = encoder.encode_text(texts, batch_size=batch_size, show_progress=show_progress)
     store.remove(TEXT_EMBEDDINGS_STAGE, key)
-    writer = store.open(TEXT_EMBEDDINGS_STAGE, key, config={"n": len(texts)}, inputs=[digest],
-                        models=[encoder.text_fingerprint])
+    writer = store.open(
+        TEXT_EMBEDDINGS_STAGE,
+        key,
+        config={"n": len(texts)},
+        inputs=[digest],
+        models=[encoder.text_fingerprint],
+    )
 
     def save(tmp: Path) -> None:
         with tmp.open("wb") as handle:

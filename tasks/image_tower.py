@@ -66,8 +66,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels_out)
         self.shortcut = nn.Identity()
         if stride != 1 or channels_in != channels_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(channels_in, channels_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(channels_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(channels_in, channels_out, 1, stride, bias=False), nn.BatchNorm2d(channels_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -82,13 +83,18 @@ class ImageTower(nn.Module):
         super().__init__()
         self.config = config
         first = config.widths[0]
-        self.stem = nn.Sequential(nn.Conv2d(3, first, 3, config.stem_stride, 1, bias=False), nn.BatchNorm2d(first),
-                                  nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, first, 3, config.stem_stride, 1, bias=False),
+            nn.BatchNorm2d(first),
+            nn.ReLU(inplace=True),
+        )
         stages = []
         channels = first
         for i, (width, count) in enumerate(zip(config.widths, config.blocks, strict=True)):
             stride = 1 if i == 0 and config.stem_stride > 1 else 2
-            layers = [BasicBlock(channels, width, stride)] + [BasicBlock(width, width, 1) for _ in range(count - 1)]
+            layers = [BasicBlock(channels, width, stride)] + [
+                BasicBlock(width, width, 1) for _ in range(count - 1)
+            ]
             stages.append(nn.Sequential(*layers))
             channels = width
         self.stages = nn.Sequential(*stages)
@@ -136,8 +142,14 @@ class ImageTower(nn.Module):
         return tower
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator, *, max_shift: float = 0.08,
-                  zoom: tuple[float, float] = (0.9, 1.1), light: float = 0.1) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    max_shift: float = 0.08,
+    zoom: tuple[float, float] = (0.9, 1.1),
+    light: float = 0.1,
+) -> torch.Tensor:
     """Randomly flipped, zoomed, shifted and lit copies of uint8 NHWC images, as float NCHW in [0, 1]."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     n = x.shape[0]

@@ -67,14 +67,17 @@ class Pairs:
 
     def subset(self, mask: Sequence[bool] | np.ndarray) -> Pairs:
         mask = np.asarray(mask, dtype=bool)
-        return Pairs(self.table[mask].reset_index(drop=True), self.pixels[mask], self.source, self.bad, self.converted)
+        return Pairs(
+            self.table[mask].reset_index(drop=True), self.pixels[mask], self.source, self.bad, self.converted
+        )
 
     @property
     def key(self) -> str:
         """Content key of the pairs (captions and image contents, in order)."""
         digest = hashlib.sha256()
-        for doc_id, caption, content in zip(self.table["doc_id"], self.table["caption"],
-                                            self.table["content_hash"], strict=True):
+        for doc_id, caption, content in zip(
+            self.table["doc_id"], self.table["caption"], self.table["content_hash"], strict=True
+        ):
             digest.update(f"{doc_id}\x1f{caption}\x1f{content}\n".encode())
         digest.update(str(self.pixels.shape).encode())
         return digest.hexdigest()[:20]
@@ -94,8 +97,10 @@ def template_fields(template: str) -> list[str]:
         if name is None:
             continue
         if not name or not name.isidentifier() or spec or conversion:
-            raise ValueError(f"caption template {template!r}: use plain field names like {{articleType}}, "
-                             f"found {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}")
+            raise ValueError(
+                f"caption template {template!r}: use plain field names like {{articleType}}, "
+                f"found {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            )
         names.append(name)
     if not names:
         raise ValueError(f"caption template {template!r} names no field; write fields as {{fieldName}}")
@@ -154,7 +159,11 @@ def open_rgb(source: Any) -> tuple[Any, str | None, bool]:
     except (OSError, ValueError, SyntaxError) as exc:  # truncated data, bad headers
         return None, f"unreadable image ({exc})", False
     if min(rgb.size) < MIN_IMAGE_SIDE:
-        return None, f"image is {rgb.size[0]}x{rgb.size[1]} px; expected at least {MIN_IMAGE_SIDE} px a side", False
+        return (
+            None,
+            f"image is {rgb.size[0]}x{rgb.size[1]} px; expected at least {MIN_IMAGE_SIDE} px a side",
+            False,
+        )
     return rgb, None, converted
 
 
@@ -165,8 +174,10 @@ def fit_to_box(image: Any, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     if image.size != (width, height):
         scale = min(width / image.size[0], height / image.size[1])
-        fitted = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))),
-                              Image.Resampling.BICUBIC)
+        fitted = image.resize(
+            (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))),
+            Image.Resampling.BICUBIC,
+        )
         canvas = Image.new("RGB", (width, height), (255, 255, 255))
         canvas.paste(fitted, ((width - fitted.size[0]) // 2, (height - fitted.size[1]) // 2))
         image = canvas
@@ -213,8 +224,12 @@ def build_pairs(
     unknown = [n for n in names if n not in known]
     if unknown:
         columns = sorted(known - {"title"})
-        raise DataError(path, None, f"caption template {caption_template!r} names field(s) {unknown} that are "
-                                    f"not columns of the catalog; columns are {columns}")
+        raise DataError(
+            path,
+            None,
+            f"caption template {caption_template!r} names field(s) {unknown} that are "
+            f"not columns of the catalog; columns are {columns}",
+        )
     lines = catalog_lines(path, id_field) if path.is_file() else {}
     unit = "row" if path.suffix.lower() in {".parquet", ".pq"} else "line"
     pixels = np.empty((len(docs), *image_size, 3), dtype=np.uint8)
@@ -223,8 +238,9 @@ def build_pairs(
     bad: list[Skipped] = list(catalog.skipped)
     converted: list[Skipped] = []
     iterator = docs.itertuples(index=False)
-    for i, doc in enumerate(tqdm(iterator, total=len(docs), desc="checking images", disable=not show_progress,
-                                 mininterval=2.0)):
+    for i, doc in enumerate(
+        tqdm(iterator, total=len(docs), desc="checking images", disable=not show_progress, mininterval=2.0)
+    ):
         line = lines.get(doc.doc_id, 0)
         image, reason, was_converted = decode_image(doc.image, image_size)
         if image is None:
@@ -238,30 +254,52 @@ def build_pairs(
             values[title_field] = attributes.get("title", "")
         caption = render_caption(caption_template, values)
         if not caption:
-            bad.append(Skipped(str(path), line, doc.doc_id, f"caption template {caption_template!r} gives an "
-                                                             "empty caption (all its fields are empty)"))
+            bad.append(
+                Skipped(
+                    str(path),
+                    line,
+                    doc.doc_id,
+                    f"caption template {caption_template!r} gives an "
+                    "empty caption (all its fields are empty)",
+                )
+            )
             continue
         pixels[i] = image
         keep[i] = True
-        rows.append({"doc_id": doc.doc_id, "line": line, "caption": caption, "image": doc.image,
-                     "content_hash": doc.content_hash, "attributes": json.dumps(values, ensure_ascii=False,
-                                                                                  sort_keys=True)})
-    left_out = bad[len(catalog.skipped):]
+        rows.append(
+            {
+                "doc_id": doc.doc_id,
+                "line": line,
+                "caption": caption,
+                "image": doc.image,
+                "content_hash": doc.content_hash,
+                "attributes": json.dumps(values, ensure_ascii=False, sort_keys=True),
+            }
+        )
+    left_out = bad[len(catalog.skipped) :]
     if left_out:
         shown = "; ".join(f"{s.doc_id} ({unit} {s.line}): {s.reason}" for s in left_out[:5])
         more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
         log.warning("%s: left out %d product(s) with a bad image: %s%s", path, len(left_out), shown, more)
     if converted:
-        log.info("%s: converted %d image(s) to RGB (grayscale, palette, CMYK or transparent)", path, len(converted))
+        log.info(
+            "%s: converted %d image(s) to RGB (grayscale, palette, CMYK or transparent)", path, len(converted)
+        )
     if not rows:
         raise DataError(path, None, "no product with a usable image and caption")
     table = pd.DataFrame(rows, columns=PAIR_COLUMNS)
     return Pairs(table, np.ascontiguousarray(pixels[keep]), str(path), bad, converted)
 
 
-def check_catalog_columns(path: str | Path, caption_template: str, *, id_field: str = "id",
-                          image_field: str = "image", title_field: str | None = "productDisplayName",
-                          other_templates: Sequence[str] = ()) -> None:
+def check_catalog_columns(
+    path: str | Path,
+    caption_template: str,
+    *,
+    id_field: str = "id",
+    image_field: str = "image",
+    title_field: str | None = "productDisplayName",
+    other_templates: Sequence[str] = (),
+) -> None:
     """Fail fast (DataError) when the catalog's first record lacks a column the run needs: the ids,
     the images, the title, or a field named by the caption template or one of ``other_templates``
     (extra caption templates, attribute queries)."""
@@ -278,8 +316,12 @@ def check_catalog_columns(path: str | Path, caption_template: str, *, id_field: 
             needed = [id_field, image_field, *template_fields(template)]
             missing = [n for n in dict.fromkeys(needed) if n not in record]
             if missing:
-                raise DataError(path, line, f"no column(s) {missing} (needed for the ids, images or the template "
-                                            f"{template!r}); columns are {sorted(record)}")
+                raise DataError(
+                    path,
+                    line,
+                    f"no column(s) {missing} (needed for the ids, images or the template "
+                    f"{template!r}); columns are {sorted(record)}",
+                )
         if title_field and title_field not in record:
             raise DataError(path, line, f"no title column '{title_field}'; columns are {sorted(record)}")
         return
@@ -297,7 +339,9 @@ def holdout_mask(ids: Iterable[str], fraction: float, *, salt: str = "holdout") 
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError("the held-out fraction must be in [0, 1)")
-    values = [int.from_bytes(hashlib.sha256(f"{salt}\x1f{i}".encode()).digest()[:8], "big") / 2**64 for i in ids]
+    values = [
+        int.from_bytes(hashlib.sha256(f"{salt}\x1f{i}".encode()).digest()[:8], "big") / 2**64 for i in ids
+    ]
     return np.asarray(values, dtype=np.float64) < fraction
 
 
@@ -337,24 +381,46 @@ def pairs_stage(
     from tasks.store import Store, stage_key
 
     start = time.time()
-    catalog = read_catalog(catalog_path, id_field=id_field, title_field=title_field, image_field=image_field,
-                           image_root=image_root, missing_image="skip")
-    config = {"caption_template": caption_template, "title_field": title_field, "image_size": list(image_size)}
+    catalog = read_catalog(
+        catalog_path,
+        id_field=id_field,
+        title_field=title_field,
+        image_field=image_field,
+        image_root=image_root,
+        missing_image="skip",
+    )
+    config = {
+        "caption_template": caption_template,
+        "title_field": title_field,
+        "image_size": list(image_size),
+    }
     key = stage_key(PAIRS_STAGE, config, inputs=[catalog.key])
     store = Store(workspace)
     if not store.is_complete(PAIRS_STAGE, key):
         import pyarrow as pa
 
-        pairs = build_pairs(catalog, caption_template=caption_template, title_field=title_field, id_field=id_field,
-                            image_size=image_size, show_progress=show_progress)
+        pairs = build_pairs(
+            catalog,
+            caption_template=caption_template,
+            title_field=title_field,
+            id_field=id_field,
+            image_size=image_size,
+            show_progress=show_progress,
+        )
         store.remove(PAIRS_STAGE, key)  # a crashed earlier attempt: start over (one part only)
         writer = store.open(PAIRS_STAGE, key, config=config, inputs=[catalog.key])
         writer.write_file(PIXELS_FILE, lambda tmp: _save_npy(tmp, pairs.pixels))
         writer.write_part(0, pa.Table.from_pandas(pairs.table, preserve_index=False))
-        writer.commit(bad=[s.__dict__ for s in pairs.bad], converted=[s.__dict__ for s in pairs.converted],
-                      source=str(catalog_path), seconds_to_build=round(time.time() - start, 2))
+        writer.commit(
+            bad=[s.__dict__ for s in pairs.bad],
+            converted=[s.__dict__ for s in pairs.converted],
+            source=str(catalog_path),
+            seconds_to_build=round(time.time() - start, 2),
+        )
     manifest = store.manifest(PAIRS_STAGE, key)
-    return PairsRef(store.path(PAIRS_STAGE, key), key, manifest["rows"], manifest["bad"], len(manifest["converted"]))
+    return PairsRef(
+        store.path(PAIRS_STAGE, key), key, manifest["rows"], manifest["bad"], len(manifest["converted"])
+    )
 
 
 def _save_npy(tmp: Path, array: np.ndarray) -> None:

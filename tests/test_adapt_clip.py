@@ -12,8 +12,17 @@ from tasks.image_text import load_catalog_encoder
 from tasks.pairs import build_pairs
 from tasks.registry import Registry
 
-TINY = ["--train-epochs", "2", "--train-batch-size", "64", "--train-tower-width", "8",
-        "--train-tower-blocks", "1", "1"]
+TINY = [
+    "--train-epochs",
+    "2",
+    "--train-batch-size",
+    "64",
+    "--train-tower-width",
+    "8",
+    "--train-tower-blocks",
+    "1",
+    "1",
+]
 
 
 def test_clip_help_explains_every_option(capsys):
@@ -53,13 +62,23 @@ def test_clip_bad_arguments_get_a_clear_message_and_exit_2(capsys, tmp_path, fas
     assert "invalid int value" in capsys.readouterr().err
 
 
-def test_clip_flow_trains_reports_registers_and_gates_promotion(prefect_harness, tmp_path, fashion_sample, capsys):
+def test_clip_flow_trains_reports_registers_and_gates_promotion(
+    prefect_harness, tmp_path, fashion_sample, capsys
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     workspace = tmp_path / "ws"
-    args = ["clip", "--catalog", str(fashion_sample / "styles.csv"), "--workspace", str(workspace),
-            "--showcase-queries", "navy blue men shirt", *TINY]
+    args = [
+        "clip",
+        "--catalog",
+        str(fashion_sample / "styles.csv"),
+        "--workspace",
+        str(workspace),
+        "--showcase-queries",
+        "navy blue men shirt",
+        *TINY,
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "attribute_ndcg@10" in out and "caption_recall@10" in out and "registry: v0001" in out
@@ -87,7 +106,9 @@ def test_clip_flow_trains_reports_registers_and_gates_promotion(prefect_harness,
 
     _, held_out = split_pairs(pairs, 0.2)
     encoder = load_catalog_encoder(registry.path("catalog-clip", "v0001"))
-    again = evaluate_catalog_encoder(encoder, catalog_eval_set(held_out), system="reloaded", show_progress=False)
+    again = evaluate_catalog_encoder(
+        encoder, catalog_eval_set(held_out), system="reloaded", show_progress=False
+    )
     for name, value in after["metrics"].items():
         assert again.metrics[name] == pytest.approx(value, abs=1e-6), name
     trained = load_catalog_encoder(after["model"])  # the flow's own output directory
@@ -95,7 +116,8 @@ def test_clip_flow_trains_reports_registers_and_gates_promotion(prefect_harness,
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["catalog-clip-report"])))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["catalog-clip-report"]))
+        )
     assert artifacts and "| caption_recall@10 |" in artifacts[-1].data
 
     # same catalog, same settings: training is reused, and the same model is never promoted over itself

@@ -23,23 +23,38 @@ def small_catalog(tmp_path, fashion_sample, n=8):
     """The first n products of the shipped sample, with their images, in a folder of our own."""
     lines = (fashion_sample / "styles.csv").read_text().splitlines()
     (tmp_path / "images").mkdir(parents=True, exist_ok=True)
-    for line in lines[1:n + 1]:
+    for line in lines[1 : n + 1]:
         image = line.rsplit(",", 1)[1]
         shutil.copyfile(fashion_sample / "images" / image, tmp_path / "images" / image)
     path = tmp_path / "styles.csv"
-    path.write_text("\n".join(lines[:n + 1]) + "\n")
-    return path, [line.split(",", 1)[0] for line in lines[1:n + 1]], [line.rsplit(",", 1)[1] for line in lines[1:n + 1]]
+    path.write_text("\n".join(lines[: n + 1]) + "\n")
+    return (
+        path,
+        [line.split(",", 1)[0] for line in lines[1 : n + 1]],
+        [line.rsplit(",", 1)[1] for line in lines[1 : n + 1]],
+    )
 
 
 def test_caption_template_fills_fields_and_drops_empty_ones():
-    values = {"productDisplayName": "Turtle Check Men Navy Blue Shirt", "articleType": "Shirts",
-              "baseColour": "Navy Blue", "gender": "Men", "usage": "Casual"}
-    assert render_caption(DEFAULT_CAPTION_TEMPLATE, values) == \
-        "Turtle Check Men Navy Blue Shirt. Shirts, Navy Blue, Men, Casual"
-    assert render_caption(DEFAULT_CAPTION_TEMPLATE, {**values, "usage": "", "baseColour": ""}) == \
-        "Turtle Check Men Navy Blue Shirt. Shirts, Men"
-    assert render_caption(DEFAULT_CAPTION_TEMPLATE, {**values, "productDisplayName": ""}) == \
-        "Shirts, Navy Blue, Men, Casual"
+    values = {
+        "productDisplayName": "Turtle Check Men Navy Blue Shirt",
+        "articleType": "Shirts",
+        "baseColour": "Navy Blue",
+        "gender": "Men",
+        "usage": "Casual",
+    }
+    assert (
+        render_caption(DEFAULT_CAPTION_TEMPLATE, values)
+        == "Turtle Check Men Navy Blue Shirt. Shirts, Navy Blue, Men, Casual"
+    )
+    assert (
+        render_caption(DEFAULT_CAPTION_TEMPLATE, {**values, "usage": "", "baseColour": ""})
+        == "Turtle Check Men Navy Blue Shirt. Shirts, Men"
+    )
+    assert (
+        render_caption(DEFAULT_CAPTION_TEMPLATE, {**values, "productDisplayName": ""})
+        == "Shirts, Navy Blue, Men, Casual"
+    )
     assert template_fields("{gender} {baseColour} {articleType}") == ["gender", "baseColour", "articleType"]
     with pytest.raises(ValueError, match="names no field"):
         template_fields("no fields here")
@@ -71,8 +86,9 @@ def test_bad_images_are_reported_with_line_and_left_out(tmp_path, fashion_sample
     (folder / images[3]).unlink()  # missing
     Image.new("RGB", (4, 4), (255, 0, 0)).save(folder / images[4], format="JPEG")  # too small to be a photo
     Image.open(fashion_sample / "images" / images[5]).convert("L").save(folder / images[5])  # grayscale: kept
-    Image.open(fashion_sample / "images" / images[6]).convert("RGBA").save(folder / (images[6] + ".png"),
-                                                                           format="PNG")
+    Image.open(fashion_sample / "images" / images[6]).convert("RGBA").save(
+        folder / (images[6] + ".png"), format="PNG"
+    )
     (folder / images[6]).unlink()
     path.write_text(path.read_text().replace(images[6], images[6] + ".png"))  # a transparent PNG: kept
 
@@ -96,7 +112,9 @@ def test_images_of_other_sizes_are_fitted_on_white(tmp_path, fashion_sample):
     pairs = build_pairs(read_catalog(path), image_size=(80, 60), show_progress=False)
     image = pairs.pixels[0].astype(int)
     assert image.shape == (80, 60, 3)
-    assert (image[0, 30] == 255).all() and image[40, 30, 2] > 150 and image[40, 30, 0] < 60  # white band, blue middle
+    assert (
+        (image[0, 30] == 255).all() and image[40, 30, 2] > 150 and image[40, 30, 0] < 60
+    )  # white band, blue middle
 
 
 def test_caption_template_naming_an_unknown_field_is_a_data_error(tmp_path, fashion_sample):
@@ -108,8 +126,12 @@ def test_caption_template_naming_an_unknown_field_is_a_data_error(tmp_path, fash
     check_catalog_columns(path, DEFAULT_CAPTION_TEMPLATE)  # the shipped layout passes
     # extra caption templates and attribute queries are checked too, not only the caption template
     with pytest.raises(DataError, match=r"no column\(s\) \['season_name'\].*'\{season_name\} \{gender\}'"):
-        check_catalog_columns(path, DEFAULT_CAPTION_TEMPLATE, other_templates=["{gender}", "{season_name} {gender}"])
-    check_catalog_columns(path, DEFAULT_CAPTION_TEMPLATE, other_templates=["{gender} {baseColour} {articleType}"])
+        check_catalog_columns(
+            path, DEFAULT_CAPTION_TEMPLATE, other_templates=["{gender}", "{season_name} {gender}"]
+        )
+    check_catalog_columns(
+        path, DEFAULT_CAPTION_TEMPLATE, other_templates=["{gender} {baseColour} {articleType}"]
+    )
 
 
 def test_holdout_split_is_by_id_stable_and_disjoint(fashion_sample):
@@ -138,5 +160,7 @@ def test_pairs_stage_is_stored_and_reused(tmp_path, fashion_sample):
     assert len(loaded) == 5 and loaded.pixels.shape == (5, 80, 60, 3) and loaded.bad[0].line == 4
     manifest = json.loads((first.path / "_COMPLETE").read_text())
     assert manifest["rows"] == 5
-    other = pairs_stage(path, tmp_path / "ws", caption_template="{articleType}, {baseColour}", show_progress=False)
+    other = pairs_stage(
+        path, tmp_path / "ws", caption_template="{articleType}, {baseColour}", show_progress=False
+    )
     assert other.key != first.key and load_pairs(other).captions[0].count(",") == 1
