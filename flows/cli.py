@@ -132,6 +132,43 @@ def _run_with_progress(console, label: str, function, *args):
         return function(*args)
 
 
+# ----------------------------------------------------------------------------------------- clip
+
+
+def _clip(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from flows.adapt_clip import ClipConfig, adapt_clip_flow
+    from tasks.image_text import model_kind
+    from tasks.pairs import check_catalog_columns
+
+    config = build_config(ClipConfig, args, args.config)
+    # Fail on bad input before a flow run starts: catalog columns, caption template, the model.
+    check_catalog_columns(config.catalog, config.caption_template, id_field=config.id_field,
+                          image_field=config.image_field, title_field=config.title_field,
+                          other_templates=[*config.train.extra_caption_templates, *config.attribute_queries])
+    kind = model_kind(config.model)
+    console = _console()
+    what = {"text": "frozen text tower, image tower trained from scratch", "clip-base": "CLIP fine-tuning",
+            "clip": "CLIP fine-tuning (continued)", "lit": "locked-text encoder (training continues)"}[kind]
+    console.print(f"[bold]{config.catalog}[/bold]: adapting {config.model} ({what})")
+    result = adapt_clip_flow(config)
+    table = Table(title=f"Held-out products of {config.catalog}")
+    table.add_column("metric", style="bold")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for name, after in result["metrics_after"].items():
+        before = result["metrics_before"][name]
+        table.add_row(name, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
+    console.print(table)
+    if result["left_out"]:
+        console.print(f"[yellow]{len(result['left_out'])} product(s) left out[/yellow] (listed in the report)")
+    console.print(f"model: {result['model_dir']}\nregistry: {result['version']}: {result['promotion']}\n"
+                  f"report: {result['report']}\ntop images: {result['grid']}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------- models
 
 
@@ -309,6 +346,11 @@ def _commands() -> list[Command]:
 
         return AdaptTextConfig
 
+    def clip_config():
+        from flows.adapt_clip import ClipConfig
+
+        return ClipConfig
+
     def refresh_config():
         from flows.catalog_refresh import RefreshConfig
 
@@ -322,6 +364,8 @@ def _commands() -> list[Command]:
                  "teacher margins, MarginMSE), evaluate before/after and promote if better", text_config, _text),
         ("evaluate", "retrieval metrics (nDCG@10, MRR@10, MAP, Recall, P@10, Hit@10, R-precision) "
                      "of models and BM25 on a BEIR folder", evaluate_config, _evaluate),
+        ("clip", "adapt an image/text model to a product catalog from its own images and texts (no labels): "
+                 "text queries find product images", clip_config, _clip),
     ]
 
 
