@@ -253,8 +253,12 @@ def _add_search_parser(commands) -> None:
                     "or the corpus changed).")
     search.add_argument("query", help="the query text")
     search.add_argument("--top-k", type=int, default=10, help="hits to show (default: %(default)s)")
-    search.add_argument("--model-name", default="text-retriever", help="registered model (default: %(default)s)")
-    search.add_argument("--corpus", help="search this corpus instead of the one recorded on the model's card")
+    search.add_argument("--images", action="store_true",
+                        help="search the catalog's product images with the image/text model (adapt clip)")
+    search.add_argument("--model-name", help="registered model (default: text-retriever, or catalog-clip "
+                                             "with --images)")
+    search.add_argument("--corpus", help="search this corpus (or catalog, with --images) instead of the one "
+                                         "recorded on the model's card")
     search.add_argument("--workspace", default=str(_default_workspace()),
                         help="workspace folder holding models/ (default: %(default)s)")
     search.add_argument("--json", action="store_true", help="print the hits as JSON")
@@ -271,14 +275,23 @@ def _search(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise ConfigError("--top-k must be at least 1")
-    searcher = Searcher(args.workspace, args.model_name, corpus=args.corpus)
+    if args.images:
+        from tasks.search import ImageSearcher
+
+        args.model_name = args.model_name or "catalog-clip"
+        searcher = ImageSearcher(args.workspace, args.model_name, catalog=args.corpus)
+    else:
+        args.model_name = args.model_name or "text-retriever"
+        searcher = Searcher(args.workspace, args.model_name, corpus=args.corpus)
     hits = searcher.search(args.query, k=args.top_k)
     if args.json:
         print(json.dumps([asdict(h) for h in hits], indent=2))
         return 0
-    table = Table("#", "score", "doc_id", "title / text", title=f"{args.model_name} {searcher.version}: {args.query}")
+    table = Table("#", "score", "doc_id", "title / text", *(["image"] if args.images else []),
+                  title=f"{args.model_name} {searcher.version}: {args.query}")
     for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), f"{hit.score:.3f}", hit.doc_id, (hit.title or hit.snippet)[:90])
+        extra = [hit.snippet] if args.images else []
+        table.add_row(str(rank), f"{hit.score:.3f}", hit.doc_id, (hit.title or hit.snippet)[:90], *extra)
     _console().print(table)
     return 0
 

@@ -138,3 +138,81 @@ class Searcher:
         scores, positions = self.index.search(self.encode([query]), min(k, self.index.ntotal))
         return [Hit(self.docs[p]["doc_id"], float(s), self.docs[p]["title"], self.docs[p]["snippet"])
                 for s, p in zip(scores[0], positions[0], strict=True) if p >= 0]
+
+
+IMAGE_INDEX_DIR = "image-index"
+
+
+class ImageSearcher:
+    """Text queries against the catalog's product images, with the current image/text model.
+
+    The model is a catalog encoder from `adapt clip` (registered as ``catalog-clip`` by default):
+    its image index (``<version>/image-index/``) holds every product image of the catalog recorded
+    on its card, built on first use and rebuilt when the catalog changes.
+    """
+
+    def __init__(self, workspace: str | Path, name: str = "catalog-clip", *, catalog: str | Path | None = None,
+                 version: str | None = None, batch_size: int = 256):
+        from tasks.image_text import load_catalog_encoder
+
+        self.registry = Registry(workspace)
+        self.name = name
+        self.version = version or self.registry.current(name)
+        if self.version is None:
+            raise RegistryError(f"model '{name}' has no current version to search images with "
+                                "(run `adapt clip --catalog ...` first)")
+        self.model_dir = self.registry.path(name, self.version)
+        self.card = self.registry.card(name, self.version)
+        self.encoder = load_catalog_encoder(self.model_dir)
+        self.index_dir = self.model_dir / IMAGE_INDEX_DIR
+        self.batch_size = batch_size
+        self._load(catalog or self.card.get("data") or corpus_of(self.card))
+
+    def _load(self, source: str | Path | None) -> None:
+        import faiss
+
+        from tasks.corpus import read_catalog
+
+        meta_file = self.index_dir / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        if source is None and meta is None:
+            raise RegistryError(f"{self.name} {self.version}: no catalog recorded on its card; pass the catalog")
+        catalog = read_catalog(source, missing_image="skip") if source and Path(source).exists() else None
+        if meta is None or (catalog is not None and catalog.key != meta["corpus_key"]):
+            if catalog is None:
+                raise RegistryError(f"catalog {source} of {self.name} {self.version} is not there to index")
+            log.info("building the image index of %s %s over %s", self.name, self.version, source)
+            self._build(catalog)
+        self.index = faiss.read_index(str(self.index_dir / "index.faiss"))
+        self.docs = pq.read_table(self.index_dir / "docs.parquet").to_pylist()
+
+    def _build(self, catalog: Any) -> None:
+        import faiss
+
+        vectors = []
+        images = catalog.docs["image"].tolist()
+        for start in range(0, len(images), 1024):  # decode a slice at a time: bounded memory
+            vectors.append(self.encoder.encode_images(images[start:start + 1024], batch_size=self.batch_size))
+        matrix = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
+        index = faiss.IndexFlatIP(matrix.shape[1])
+        index.add(matrix)
+        staging = self.index_dir.with_name(f".{self.index_dir.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        faiss.write_index(index, str(staging / "index.faiss"))
+        docs = catalog.docs
+        pq.write_table(pa.table({"doc_id": docs["doc_id"].tolist(), "title": docs["title"].fillna("").tolist(),
+                                 "image": docs["image"].tolist()}), staging / "docs.parquet")
+        write_json_atomic(staging / "meta.json", {"corpus": str(catalog.source), "corpus_key": catalog.key,
+                                                  "images": len(docs)})
+        shutil.rmtree(self.index_dir, ignore_errors=True)
+        staging.rename(self.index_dir)
+
+    def search(self, query: str, k: int = 10) -> list[Hit]:
+        """The k product images closest to the text query, best first (``snippet`` is the image path)."""
+        if not query.strip():
+            raise ValueError("the query is empty")
+        vector = np.ascontiguousarray(self.encoder.encode_text([query]), dtype=np.float32)
+        scores, positions = self.index.search(vector, min(k, self.index.ntotal))
+        return [Hit(self.docs[p]["doc_id"], float(s), self.docs[p]["title"], self.docs[p]["image"])
+                for s, p in zip(scores[0], positions[0], strict=True) if p >= 0]
