@@ -146,3 +146,25 @@ def test_models_and_search_commands(prefect_harness, tmp_path, small_beir, tiny_
     query_vector = searcher.encode([title])[0]
     doc_vector = searcher.encode([corpus.texts()[corpus.ids.index(hits[0]["doc_id"])]])[0]
     assert float(query_vector @ doc_vector) == pytest.approx(hits[0]["score"], abs=1e-4)
+
+
+def test_adapt_text_with_a_seq2seq_generator_and_a_cross_encoder_teacher(prefect_harness, tmp_path, small_beir,
+                                                                          tiny_bi_encoder, tiny_t5,
+                                                                          tiny_cross_encoder):
+    """The GPL path of the flow (generator and teacher models given as directories), with tiny models."""
+    workspace = tmp_path / "ws"
+    args = _args(small_beir, workspace, tiny_bi_encoder, "--preset", "gpl", "--qgen-generator", str(tiny_t5),
+                 "--qgen-queries-per-doc", "2", "--qgen-max-new-tokens", "8", "--label-teacher",
+                 str(tiny_cross_encoder), "--label-max-length", "64", "--eval", str(small_beir))
+    assert main(args) == 0
+    report = json.loads(sorted((workspace / "reports").glob("adapt-text-*.json"))[0].read_text())
+    store = Store(workspace)
+    queries = store.read_pandas("queries", store.keys("queries")[0])
+    assert set(queries["source"]) == {str(tiny_t5)}
+    assert queries.groupby("doc_id").size().max() <= 2
+    labels_manifest = store.manifest("labels", store.keys("labels")[0])
+    assert labels_manifest["teacher"] == str(tiny_cross_encoder)
+    labels = store.read_pandas("labels", store.keys("labels")[0])
+    assert len(labels) > 0 and (labels["margin"] == labels["score_pos"] - labels["score_neg"]).all()
+    assert report["train"]["steps"] == 3
+    assert Registry(workspace).card("text-retriever", "v0001")["config"]["label"]["teacher"] == str(tiny_cross_encoder)
