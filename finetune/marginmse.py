@@ -53,6 +53,8 @@ class TrainConfig(BaseModel):
     label_scale: float | None = Field(None, gt=0, description="multiplier from teacher margins to student cosine "
                                                               "margins (none: fitted on the data)")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of query rows held out for the eval loss")
+    eval_max_rows: int = Field(256, ge=1, description="most query rows held out for the eval loss (each "
+                                                       "evaluation encodes all of them: it costs training time)")
     eval_steps: int = Field(50, ge=1, description="evaluate the held-out loss every this many steps")
     save_steps: int = Field(50, ge=1, description="checkpoint every this many steps (a rerun resumes there)")
     logging_steps: int = Field(10, ge=1, description="record the training loss every this many steps")
@@ -206,7 +208,7 @@ def train_marginmse(
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(rows)).tolist()
     n_eval = int(round(len(rows) * config.eval_fraction)) if config.eval_fraction else 0
-    n_eval = min(n_eval, len(rows) - 1)
+    n_eval = min(n_eval, config.eval_max_rows, len(rows) - 1)
     eval_idx, train_idx = order[:n_eval], order[n_eval:]
 
     model = base_model if isinstance(base_model, SentenceTransformer) else load_sentence_transformer(base_model)
