@@ -278,6 +278,10 @@ def train_supervised(
         )
         if eval_steps:
             trainer.add_callback(EvaluateAtEnd())
+        if not show_progress:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # it prints every log line when there is no progress bar
         trainer.train()
         staged = scratch / "model"
         model.save(str(staged))
