@@ -507,10 +507,14 @@ def _column(path: Path, line: int, record: dict[str, Any], explicit: str | None,
     name = _pick(record, explicit, candidates)
     if name is None or name not in record:
         wanted = f"'{explicit}'" if explicit else " or ".join(f"'{c}'" for c in candidates)
-        where = 1 if _unit(path) == "line" and path.suffix.lower() in {".tsv", ".csv"} else line
-        raise DataError(path, where, f"no {what} column; expected a column named {wanted}, "
-                                     f"found {', '.join(map(repr, record))}", unit=_unit(path))
+        raise _no_column(path, line, record, f"no {what} column; expected a column named {wanted}")
     return name
+
+
+def _no_column(path: Path, line: int, record: dict[str, Any], message: str) -> DataError:
+    """A missing column is reported at the header of a CSV/TSV file, else at the first record."""
+    where = 1 if path.suffix.lower() in {".tsv", ".csv"} else line
+    return DataError(path, where, f"{message}; found {', '.join(map(repr, record))}", unit=_unit(path))
 
 
 def _required_text(path: Path, line: int, name: str, value: Any) -> str:
@@ -543,9 +547,9 @@ def read_labelled_pairs(
     if text1_field is None and text2_field is None:
         found = next((p for p in PAIR_TEXT_FIELDS if p[0] in first and p[1] in first), None)
         if found is None:
-            wanted = "; ".join(f"{a}, {b}" for a, b in PAIR_TEXT_FIELDS)
-            _column(path, first_line, first, None, (), f"pair text (one of: {wanted})")
-        text1_field, text2_field = found  # type: ignore[misc]
+            wanted = " or ".join(f"'{a}', '{b}'" for a, b in PAIR_TEXT_FIELDS)
+            raise _no_column(path, first_line, first, f"no pair of text columns; expected {wanted}")
+        text1_field, text2_field = found
     names = (_column(path, first_line, first, text1_field, (), "first text"),
              _column(path, first_line, first, text2_field, (), "second text"),
              _column(path, first_line, first, label_field, PAIR_LABEL_FIELDS, "label (0/1)"))
@@ -620,11 +624,9 @@ def detect_labelled_kind(path: str | Path, fmt: str | None = None) -> str:
         return "triplets"
     if _pick(first, None, GROUP_TEXT_FIELDS) and _pick(first, None, GROUP_LABEL_FIELDS):
         return "groups"
-    where = 1 if path.suffix.lower() in {".tsv", ".csv"} else first_line
-    raise DataError(path, where, (
-        f"cannot tell the layout from the columns {', '.join(map(repr, first))}; expected labelled pairs "
-        f"(text1, text2, label), label groups (text, label) or query pairs (query, positive[, negative])"),
-        unit=_unit(path))
+    raise _no_column(path, first_line, first, (
+        "cannot tell the layout from the column names; expected labelled pairs (text1, text2, label), label "
+        "groups (text, label) or query pairs (query, positive[, negative])"))
 
 
 def read_labelled(path: str | Path, kind: str = "auto", fmt: str | None = None) -> LabelledData:

@@ -87,7 +87,7 @@ def test_bad_group_and_query_files(tmp_path):
         read_label_groups(write(tmp_path / "b.csv", "text,label\nx,1\ny,2\n"))
     with pytest.raises(DataError, match="line 2: no 'positive' field"):
         read_query_pairs(write(tmp_path / "c.jsonl", '{"query": "q", "positive": "p"}\n{"query": "r"}\n'))
-    with pytest.raises(DataError, match="line 1: cannot tell the layout from the columns 'id', 'body'"):
+    with pytest.raises(DataError, match="line 1: cannot tell the layout from the column names.*found .id., .body."):
         read_labelled(write(tmp_path / "d.csv", "id,body\n1,x\n"))
     with pytest.raises(DataError, match="no rows in the file"):
         read_labelled(write(tmp_path / "e.jsonl", "\n"))
@@ -186,3 +186,11 @@ def test_prepare_stores_splits_once_and_warns_about_leakage(tmp_path, quora_samp
                   + "".join(f"{r.label}\t{r.text1}\t{r.text2}\n" for r in splits["train"].rows.head(5).itertuples()))
     given = prepare_labelled(quora_sample / "train.tsv", tmp_path, eval_file=leaky)
     assert given.shared_texts == 10 and "10 texts are in both" in caplog.text
+
+
+def test_pairs_without_text_columns_say_which_names_are_expected(tmp_path):
+    path = write(tmp_path / "p.jsonl", json.dumps({"a": "x", "b": "y", "label": 1}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: no pair of text columns; expected 'text1', 'text2' or .*found 'a'"):
+        read_labelled_pairs(path)
+    explicit = read_labelled_pairs(path, text1_field="a", text2_field="b")
+    assert explicit.rows[["text1", "text2", "label"]].values.tolist() == [["x", "y", 1]]
