@@ -93,7 +93,7 @@ def test_two_trial_search_picks_the_best_and_reports(tmp_path, tiny_bi_encoder, 
                         show_progress=False, on_trial=seen.append)
     assert [t["state"] for t in result.trials] == ["COMPLETE", "COMPLETE"] and len(seen) == 2
     first = result.trials[0]
-    assert first["default"] and first["learning_rate"] == FAST["learning_rate"] and first["loss"] == "mnrl+contrastive"
+    assert first["default"] and first["learning_rate"] == FAST["learning_rate"] and first["loss"] == "online-contrastive"
     assert result.default_trial == 0 and result.best_value >= result.default_value
     assert result.best_value == max(t["value"] for t in result.trials)
     assert result.trials[1]["learning_rate"] != FAST["learning_rate"]
