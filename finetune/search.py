@@ -39,27 +39,46 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    search: int = Field(0, ge=0, le=1000, description="hyper-parameter search with this many trials (Optuna); 0: no "
-                                                      "search, train once with the settings given")
+    search: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="hyper-parameter search with this many trials (Optuna); 0: no "
+        "search, train once with the settings given",
+    )
     search_models: list[str] = Field(
-        default_factory=list, description="base models the search chooses among (local dirs, bundled names or hub "
-                                          "ids); none: only --model")
+        default_factory=list,
+        description="base models the search chooses among (local dirs, bundled names or hub "
+        "ids); none: only --model",
+    )
     search_loss: list[str] = Field(
         default_factory=lambda: ["mnrl", "online-contrastive", "batch-hard-triplet", "mnrl+contrastive"],
-        description=f"losses the search chooses among ({', '.join(LOSSES)})")
+        description=f"losses the search chooses among ({', '.join(LOSSES)})",
+    )
     search_learning_rate: list[float] = Field(
-        default_factory=lambda: [1e-5, 1e-4], description="learning-rate range searched (low high, log scale)")
-    search_batch_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64],
-                                          description="batch sizes the search chooses among")
-    search_epochs: list[int] = Field(default_factory=lambda: [1, 2], description="epoch counts the search chooses among")
-    search_warmup: list[float] = Field(default_factory=lambda: [0.0, 0.2],
-                                       description="warm-up share range searched (low high)")
+        default_factory=lambda: [1e-5, 1e-4], description="learning-rate range searched (low high, log scale)"
+    )
+    search_batch_sizes: list[int] = Field(
+        default_factory=lambda: [16, 32, 64], description="batch sizes the search chooses among"
+    )
+    search_epochs: list[int] = Field(
+        default_factory=lambda: [1, 2], description="epoch counts the search chooses among"
+    )
+    search_warmup: list[float] = Field(
+        default_factory=lambda: [0.0, 0.2], description="warm-up share range searched (low high)"
+    )
     search_validation_fraction: float = Field(
-        0.2, gt=0, lt=1, description="share of the training rows held out (no shared text) to score trials on")
-    search_evaluations: int = Field(3, ge=1, le=20, description="evaluations per trial; the earlier ones can prune it")
+        0.2, gt=0, lt=1, description="share of the training rows held out (no shared text) to score trials on"
+    )
+    search_evaluations: int = Field(
+        3, ge=1, le=20, description="evaluations per trial; the earlier ones can prune it"
+    )
     search_prune: bool = Field(True, description="stop trials that fall below the median of earlier trials")
-    search_refit: bool = Field(True, description="train the best trial's settings again on all training rows "
-                                                 "(trials leave the validation rows out)")
+    search_refit: bool = Field(
+        True,
+        description="train the best trial's settings again on all training rows "
+        "(trials leave the validation rows out)",
+    )
 
     def check(self) -> None:
         for name in ("search_learning_rate", "search_warmup"):
@@ -99,12 +118,17 @@ class SearchResult:
         return cls(**data)
 
 
-def study_key(train: LabelledData, validation: EvalSet, base: TrainSettings, space: SearchSettings, metric: str) -> str:
+def study_key(
+    train: LabelledData, validation: EvalSet, base: TrainSettings, space: SearchSettings, metric: str
+) -> str:
     """A study is resumed only by a search over the same data, space, base settings and metric."""
     from tasks.store import stage_key
 
-    config = {"base": base.model_dump(mode="json"),
-              "space": space.model_dump(mode="json", exclude={"search", "search_refit"}), "metric": metric}
+    config = {
+        "base": base.model_dump(mode="json"),
+        "space": space.model_dump(mode="json", exclude={"search", "search_refit"}),
+        "metric": metric,
+    }
     return stage_key("search", config, inputs=[train.key, validation.retrieval.corpus.key])
 
 
@@ -131,11 +155,13 @@ def default_params(base: TrainSettings, space: SearchSettings, kind: str) -> dic
         "model": base.model if base.model in models else None,
         "loss": base.resolved_loss(kind) if base.resolved_loss(kind) in space.search_loss else None,
         "learning_rate": base.learning_rate
-        if space.search_learning_rate[0] <= base.learning_rate <= space.search_learning_rate[1] else None,
+        if space.search_learning_rate[0] <= base.learning_rate <= space.search_learning_rate[1]
+        else None,
         "batch_size": base.batch_size if base.batch_size in space.search_batch_sizes else None,
         "epochs": int(base.epochs) if base.epochs in space.search_epochs else None,
         "warmup_ratio": base.warmup_ratio
-        if space.search_warmup[0] <= base.warmup_ratio <= space.search_warmup[1] else None,
+        if space.search_warmup[0] <= base.warmup_ratio <= space.search_warmup[1]
+        else None,
     }
     return {k: v for k, v in candidates.items() if v is not None}
 
@@ -149,7 +175,9 @@ def _exclusive(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another search is running on this study ({path.parent}); wait for it") from None
+            raise RuntimeError(
+                f"another search is running on this study ({path.parent}); wait for it"
+            ) from None
         try:
             yield
         finally:
@@ -178,9 +206,11 @@ def _recover_crashed_trials(study: Any) -> int:
             continue
         if trial.number in retried or trial.user_attrs.get("retry_of") is not None:
             continue  # retried once already
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number,
-                                                      "default": trial.user_attrs.get("default", False)},
-                            skip_if_exists=False)
+        study.enqueue_trial(
+            trial.params,
+            user_attrs={"retry_of": trial.number, "default": trial.user_attrs.get("default", False)},
+            skip_if_exists=False,
+        )
         log.warning("trial %d was cut off (%s); it runs again", trial.number, trial.state.name.lower())
         queued += 1
     return queued
@@ -227,8 +257,12 @@ def run_search(
             # seeded, and re-seeded past the trials a resumed study already has: the same seed again
             # would draw the parameters of those trials again
             sampler=optuna.samplers.TPESampler(seed=base.seed + done_before),
-            pruner=pruner or (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-                              if space.search_prune else optuna.pruners.NopPruner()),
+            pruner=pruner
+            or (
+                optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+                if space.search_prune
+                else optuna.pruners.NopPruner()
+            ),
             load_if_exists=True,
         )
         resumed = len(study.trials) > 0
@@ -237,13 +271,20 @@ def run_search(
             study.set_user_attr("metric", metric)
             defaults = default_params(base, space, train.kind)
             if len(defaults) < len(PARAMS):
-                log.warning("settings %s lie outside the searched space; the first trial draws them",
-                            sorted(set(PARAMS) - set(defaults)))
+                log.warning(
+                    "settings %s lie outside the searched space; the first trial draws them",
+                    sorted(set(PARAMS) - set(defaults)),
+                )
             study.enqueue_trial(defaults, user_attrs={"default": len(defaults) == len(PARAMS)})
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
         remaining = space.search - len(study.get_trials(deepcopy=False, states=finished))
         if resumed:
-            log.info("study %s resumed: %d of %d trials finished", name, space.search - max(remaining, 0), space.search)
+            log.info(
+                "study %s resumed: %d of %d trials finished",
+                name,
+                space.search - max(remaining, 0),
+                space.search,
+            )
 
         def objective(trial: Any) -> float:
             settings = suggest(trial, base, space)
@@ -252,9 +293,15 @@ def run_search(
             pruning = _pruning_callback(trial, metric_key(metric))
             evaluator = make_evaluator(validation, metric)
             log.info("trial %d: %s", trial.number, {p: getattr(settings, p) for p in PARAMS})
-            result = train_supervised(train, settings, model_dir, evaluator=evaluator,
-                                      evaluations=space.search_evaluations, callbacks=[pruning, *callbacks],
-                                      show_progress=show_progress)
+            result = train_supervised(
+                train,
+                settings,
+                model_dir,
+                evaluator=evaluator,
+                evaluations=space.search_evaluations,
+                callbacks=[pruning, *callbacks],
+                show_progress=show_progress,
+            )
             trial.set_user_attr("seconds", result.seconds)
             trial.set_user_attr("steps", result.steps)
             trial.set_user_attr("resolved_loss", result.loss)
@@ -359,21 +406,31 @@ def _trial_row(trial: Any, metric: str) -> dict[str, Any]:
 
 def trials_markdown(result: SearchResult) -> str:
     """One row per trial: state, parameters, the objective and time; the best in bold."""
-    lines = [f"| trial | state | model | loss | learning rate | batch | epochs | warm-up | {result.metric} | seconds |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| trial | state | model | loss | learning rate | batch | epochs | warm-up | {result.metric} | seconds |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for t in result.trials:
-        value = f"{t['value']:.4f}" if t["value"] is not None else (
-            f"({list(t['intermediate'].values())[-1]:.4f})" if t["intermediate"] else "")
+        value = (
+            f"{t['value']:.4f}"
+            if t["value"] is not None
+            else (f"({list(t['intermediate'].values())[-1]:.4f})" if t["intermediate"] else "")
+        )
         if t["number"] == result.best_trial:
             value = f"**{value}**"
-        label = f"{t['number']}" + (" (defaults)" if t["default"] else "") + (
-            f" (retry of {t['retry_of']})" if t["retry_of"] is not None else "")
+        label = (
+            f"{t['number']}"
+            + (" (defaults)" if t["default"] else "")
+            + (f" (retry of {t['retry_of']})" if t["retry_of"] is not None else "")
+        )
         lr = f"{t['learning_rate']:.2e}" if t["learning_rate"] is not None else ""
         warmup = f"{t['warmup_ratio']:.2f}" if t["warmup_ratio"] is not None else ""
         model = Path(str(t["model"])).name if t["model"] else ""
         seconds = f"{t['seconds']:.0f}" if t["seconds"] else ""
-        lines.append(f"| {label} | {t['state'].lower()} | {model} | {t['loss'] or ''} | {lr} | {t['batch_size'] or ''} "
-                     f"| {t['epochs'] or ''} | {warmup} | {value} | {seconds} |")
+        lines.append(
+            f"| {label} | {t['state'].lower()} | {model} | {t['loss'] or ''} | {lr} | {t['batch_size'] or ''} "
+            f"| {t['epochs'] or ''} | {warmup} | {value} | {seconds} |"
+        )
     return "\n".join(lines)
 
 
@@ -385,13 +442,21 @@ def plot_trials(result: SearchResult, path: str | Path) -> Path:
     best: list[tuple[float, float]] = []
     for number, value in done:
         best.append((number, max(value, best[-1][1]) if best else value))
-    pruned = [(t["number"], list(t["intermediate"].values())[-1]) for t in result.trials
-              if t["state"] == "PRUNED" and t["intermediate"]]
+    pruned = [
+        (t["number"], list(t["intermediate"].values())[-1])
+        for t in result.trials
+        if t["state"] == "PRUNED" and t["intermediate"]
+    ]
     series = {"objective": done, "best so far": best}
     if pruned:
         series["pruned (last value)"] = pruned
-    return plot_series(series, path, title=f"Search: {result.metric} on the validation set per trial",
-                       xlabel="trial", ylabel=result.metric)
+    return plot_series(
+        series,
+        path,
+        title=f"Search: {result.metric} on the validation set per trial",
+        xlabel="trial",
+        ylabel=result.metric,
+    )
 
 
 def save_result(result: SearchResult, path: str | Path) -> Path:
@@ -403,4 +468,3 @@ def save_result(result: SearchResult, path: str | Path) -> Path:
 
 def load_result(path: str | Path) -> SearchResult:
     return SearchResult.from_dict(json.loads(Path(path).read_text()))
-

@@ -45,8 +45,14 @@ from tasks.labelled import (
 
 log = logging.getLogger(__name__)
 
-LossName = Literal["mnrl", "cached-mnrl", "online-contrastive", "batch-hard-triplet",
-                   "batch-hard-soft-margin-triplet", "mnrl+contrastive"]
+LossName = Literal[
+    "mnrl",
+    "cached-mnrl",
+    "online-contrastive",
+    "batch-hard-triplet",
+    "batch-hard-soft-margin-triplet",
+    "mnrl+contrastive",
+]
 LOSSES: tuple[str, ...] = LossName.__args__  # type: ignore[attr-defined]
 # The loss "auto" picks for each layout of the data. For labelled pairs, OnlineContrastiveLoss: on
 # a held-out fifth of Quora dev.tsv it was the only loss that raised both MRR@10 (0.893 -> 0.895)
@@ -62,21 +68,30 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("all-MiniLM-L6-v2", description="base model: a local directory, a bundled name or a hub id")
+    model: str = Field(
+        "all-MiniLM-L6-v2", description="base model: a local directory, a bundled name or a hub id"
+    )
     loss: Literal["auto", *LOSSES] = Field(  # type: ignore[valid-type]
-        "auto", description="training loss; auto: online-contrastive for labelled pairs, mnrl for (query, positive) "
-                            "rows, batch-hard-triplet for label groups")
+        "auto",
+        description="training loss; auto: online-contrastive for labelled pairs, mnrl for (query, positive) "
+        "rows, batch-hard-triplet for label groups",
+    )
     epochs: float = Field(1.0, gt=0, le=100, description="passes over the training data")
-    batch_size: int = Field(32, ge=4, le=65536, description="rows per training batch (in-batch negatives for mnrl)")
+    batch_size: int = Field(
+        32, ge=4, le=65536, description="rows per training batch (in-batch negatives for mnrl)"
+    )
     learning_rate: float = Field(2e-5, gt=0, lt=1, description="peak learning rate (AdamW, linear decay)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the steps with a rising learning rate")
     max_seq_length: int = Field(128, ge=8, le=8192, description="tokens per text kept by the encoder")
-    mini_batch_size: int = Field(32, ge=1, description="cached-mnrl: texts per forward pass (memory, not results)")
+    mini_batch_size: int = Field(
+        32, ge=1, description="cached-mnrl: texts per forward pass (memory, not results)"
+    )
     triplet_margin: float = Field(0.3, gt=0, description="batch-hard-triplet: margin on the cosine distance")
     matryoshka_dims: list[int] = Field(
         default_factory=list,
         description="also train truncated embeddings of these sizes (MatryoshkaLoss), e.g. 384 256 128 64; "
-                    "none: off")
+        "none: off",
+    )
     seed: int = Field(0, description="random seed of training and data splits")
 
     def resolved_loss(self, kind: str) -> str:
@@ -151,24 +166,33 @@ def build_loss(model: Any, dataset_name: str, settings: TrainSettings, loss: str
     from sentence_transformers.sentence_transformer import losses
 
     if dataset_name == "mnrl":
-        module = (losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=settings.mini_batch_size,
-                                                            show_progress_bar=False)
-                  if loss == "cached-mnrl" else losses.MultipleNegativesRankingLoss(model))
+        module = (
+            losses.CachedMultipleNegativesRankingLoss(
+                model, mini_batch_size=settings.mini_batch_size, show_progress_bar=False
+            )
+            if loss == "cached-mnrl"
+            else losses.MultipleNegativesRankingLoss(model)
+        )
     elif dataset_name == "contrastive":
         module = losses.OnlineContrastiveLoss(model)
     elif loss == "batch-hard-soft-margin-triplet":
         module = losses.BatchHardSoftMarginTripletLoss(
-            model, distance_metric=losses.BatchHardTripletLossDistanceFunction.cosine_distance)
+            model, distance_metric=losses.BatchHardTripletLossDistanceFunction.cosine_distance
+        )
     else:
         module = losses.BatchHardTripletLoss(
-            model, distance_metric=losses.BatchHardTripletLossDistanceFunction.cosine_distance,
-            margin=settings.triplet_margin)
+            model,
+            distance_metric=losses.BatchHardTripletLossDistanceFunction.cosine_distance,
+            margin=settings.triplet_margin,
+        )
     if settings.matryoshka_dims:
         dimension = model.get_embedding_dimension()
         too_big = [d for d in settings.matryoshka_dims if d > dimension]
         if too_big:
             raise ValueError(f"matryoshka_dims {too_big} exceed the model's embedding size {dimension}")
-        module = losses.MatryoshkaLoss(model, module, matryoshka_dims=sorted(set(settings.matryoshka_dims), reverse=True))
+        module = losses.MatryoshkaLoss(
+            model, module, matryoshka_dims=sorted(set(settings.matryoshka_dims), reverse=True)
+        )
     return module
 
 
@@ -191,8 +215,14 @@ def make_evaluator(eval_set: EvalSet, metric: str, *, batch_size: int = 64):
             self.last_report: LabelledReport | None = None
 
         def __call__(self, model, output_path=None, epoch: float = -1, steps: int = -1) -> dict[str, float]:
-            report = evaluate_labelled(model, eval_set, system="training", batch_size=batch_size,
-                                       max_seq_length=None, show_progress=False)
+            report = evaluate_labelled(
+                model,
+                eval_set,
+                system="training",
+                batch_size=batch_size,
+                max_seq_length=None,
+                show_progress=False,
+            )
             self.last_report = report
             return {metric_key(name): value for name, value in report.metrics.items()}
 
@@ -242,7 +272,9 @@ def train_supervised(
     rows = sum(len(d) for d in datasets.values())
     steps_per_epoch = sum(math.ceil(len(d) / settings.batch_size) for d in datasets.values())
     total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
-    eval_steps = max(1, math.ceil(total_steps / evaluations)) if evaluator is not None and evaluations else None
+    eval_steps = (
+        max(1, math.ceil(total_steps / evaluations)) if evaluator is not None and evaluations else None
+    )
 
     History, EvaluateAtEnd = _callbacks()
     history = History(evaluator.primary_metric if eval_steps else None)
@@ -351,8 +383,13 @@ def _per_dataset_sampler(dataset, batch_size, drop_last, valid_label_columns=Non
     )
     from torch.utils.data import RandomSampler
 
-    kwargs = {"batch_size": batch_size, "drop_last": drop_last, "valid_label_columns": valid_label_columns,
-              "generator": generator, "seed": seed}
+    kwargs = {
+        "batch_size": batch_size,
+        "drop_last": drop_last,
+        "valid_label_columns": valid_label_columns,
+        "generator": generator,
+        "seed": seed,
+    }
     columns = set(dataset.column_names)
     if GROUP_COLUMN in columns:
         return NoDuplicatesBatchSampler(dataset, **kwargs)

@@ -24,22 +24,40 @@ class SupervisedConfig(SearchSettings, TrainSettings):
 
     model_config = ConfigDict(extra="forbid")
 
-    train: Path = Field(description="labelled training file (.tsv/.csv/.jsonl/.parquet): pairs (text1, text2, label "
-                                    "0/1, e.g. Quora's question1, question2, is_duplicate), groups (text, label) or "
-                                    "query, positive[, negative] rows")
-    eval: Path | None = Field(None, description="labelled evaluation file of the same layout; none: carve "
-                                                "--eval-fraction of the training rows, with no text shared")
+    train: Path = Field(
+        description="labelled training file (.tsv/.csv/.jsonl/.parquet): pairs (text1, text2, label "
+        "0/1, e.g. Quora's question1, question2, is_duplicate), groups (text, label) or "
+        "query, positive[, negative] rows"
+    )
+    eval: Path | None = Field(
+        None,
+        description="labelled evaluation file of the same layout; none: carve "
+        "--eval-fraction of the training rows, with no text shared",
+    )
     layout: Literal["auto", "pairs", "groups", "triplets"] = Field(
-        "auto", description="layout of the files; auto: told from the column names")
-    eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of the training rows carved off for evaluation "
-                                                              "when no --eval file is given")
+        "auto", description="layout of the files; auto: told from the column names"
+    )
+    eval_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="share of the training rows carved off for evaluation when no --eval file is given",
+    )
     metric: Literal[METRICS] = Field(  # type: ignore[valid-type]
-        "nDCG@10", description="what the search maximises (on its validation rows) and the promotion gate compares")
+        "nDCG@10",
+        description="what the search maximises (on its validation rows) and the promotion gate compares",
+    )
     name: str = Field("supervised", description="model name in the registry (<workspace>/models/<name>/)")
-    promote: bool = Field(True, description="make the new version current if it beats the current one on --metric")
+    promote: bool = Field(
+        True, description="make the new version current if it beats the current one on --metric"
+    )
     eval_batch_size: int = Field(64, ge=1, description="encoding batch size for evaluation")
-    workspace: Path = Field(DEFAULT_WORKSPACE, description="folder for run outputs, studies and the model registry")
-    output: Path | None = Field(None, description="JSON report path; none means <workspace>/reports/supervised-<time>.json")
+    workspace: Path = Field(
+        DEFAULT_WORKSPACE, description="folder for run outputs, studies and the model registry"
+    )
+    output: Path | None = Field(
+        None, description="JSON report path; none means <workspace>/reports/supervised-<time>.json"
+    )
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(**self.model_dump(include=set(TrainSettings.model_fields)))
@@ -52,18 +70,24 @@ class SupervisedConfig(SearchSettings, TrainSettings):
 # metadata; the rows are read from the prepared Parquet files.
 
 
-def _train(prepared: PreparedData, settings: TrainSettings, output_dir: str, split: str = "train") -> dict[str, Any]:
+def _train(
+    prepared: PreparedData, settings: TrainSettings, output_dir: str, split: str = "train"
+) -> dict[str, Any]:
     from finetune.supervised import train_supervised
 
     return train_supervised(prepared.load(split), settings, output_dir).to_dict()
 
 
-def _search(prepared: PreparedData, base: TrainSettings, space: SearchSettings, workdir: str, metric: str) -> dict:
+def _search(
+    prepared: PreparedData, base: TrainSettings, space: SearchSettings, workdir: str, metric: str
+) -> dict:
     from finetune.search import plot_trials, run_search, save_result
     from tasks.labelled import build_eval_set
 
     validation = build_eval_set(prepared.load("validation"), seed=base.seed)
-    result = run_search(prepared.load("train"), validation, base=base, space=space, workdir=workdir, metric=metric)
+    result = run_search(
+        prepared.load("train"), validation, base=base, space=space, workdir=workdir, metric=metric
+    )
     study_dir = Path(workdir) / result.study_name
     save_result(result, study_dir / "result.json")
     plot = plot_trials(result, study_dir / "trials.png")
@@ -74,8 +98,11 @@ train_task = task(_train, name="train-supervised", task_run_name="train {setting
 search_task = task(_search, name="search-supervised")
 
 
-@flow(name="supervised", description="Fine-tune an embedding model from labels, optionally with a hyper-parameter "
-                                     "search; evaluate before and after; promote through the registry's gate.")
+@flow(
+    name="supervised",
+    description="Fine-tune an embedding model from labels, optionally with a hyper-parameter "
+    "search; evaluate before and after; promote through the registry's gate.",
+)
 def supervised_flow(config: SupervisedConfig) -> dict:
     """Prepare the splits, train (or search), evaluate before/after, register and gate, report."""
     from finetune.search import SearchResult, trials_markdown
@@ -93,20 +120,33 @@ def supervised_flow(config: SupervisedConfig) -> dict:
     space.check()
 
     clock = time.time()
-    prepared = prepare_labelled_task(config.train, config.workspace, eval_file=config.eval, layout=config.layout,
-                                     eval_fraction=config.eval_fraction,
-                                     validation_fraction=space.search_validation_fraction if config.search else None,
-                                     seed=config.seed)
+    prepared = prepare_labelled_task(
+        config.train,
+        config.workspace,
+        eval_file=config.eval,
+        layout=config.layout,
+        eval_fraction=config.eval_fraction,
+        validation_fraction=space.search_validation_fraction if config.search else None,
+        seed=config.seed,
+    )
     timings["prepare"] = {"seconds": time.time() - clock, "items": sum(prepared.rows.values())}
-    logger.info("%s: %s rows %s; evaluation %s", config.train, prepared.kind, prepared.rows, prepared.eval_source)
+    logger.info(
+        "%s: %s rows %s; evaluation %s", config.train, prepared.kind, prepared.rows, prepared.eval_source
+    )
     if prepared.shared_texts:
         logger.warning("%d texts are in both the training and the evaluation file", prepared.shared_texts)
 
     def evaluate(model: str, system: str, tag: str) -> LabelledReport:
         clock = time.time()
-        result = evaluate_prepared_task(model, prepared, run_dir / f"eval-{tag}.json", system=system,
-                                        batch_size=config.eval_batch_size, max_seq_length=config.max_seq_length,
-                                        seed=config.seed)
+        result = evaluate_prepared_task(
+            model,
+            prepared,
+            run_dir / f"eval-{tag}.json",
+            system=system,
+            batch_size=config.eval_batch_size,
+            max_seq_length=config.max_seq_length,
+            seed=config.seed,
+        )
         timings[f"evaluate {tag}"] = {"seconds": time.time() - clock, "items": prepared.rows["eval"]}
         return LabelledReport.load(result["report"])
 
@@ -117,7 +157,9 @@ def supervised_flow(config: SupervisedConfig) -> dict:
     clock = time.time()
     if config.search:
         search_info = search_task(prepared, base, space, str(config.workspace / "search"), config.metric)
-        search = SearchResult.from_dict({k: v for k, v in search_info.items() if k not in {"plot", "study_dir"}})
+        search = SearchResult.from_dict(
+            {k: v for k, v in search_info.items() if k not in {"plot", "study_dir"}}
+        )
         timings["search"] = {"seconds": time.time() - clock, "items": len(search.trials)}
         best = base.model_copy(update=search.best_params)
         if space.search_refit:
@@ -140,7 +182,9 @@ def supervised_flow(config: SupervisedConfig) -> dict:
     current = registry.current(config.name)
     current_score = before.metric(config.metric)
     if current is not None:
-        current_report = evaluate(str(registry.path(config.name)), f"{config.name} {current} (current)", "current")
+        current_report = evaluate(
+            str(registry.path(config.name)), f"{config.name} {current} (current)", "current"
+        )
         current_score = current_report.metric(config.metric)
     card = {
         "base_model": settings_used.model,
@@ -153,13 +197,23 @@ def supervised_flow(config: SupervisedConfig) -> dict:
         "metric": config.metric,
         "metrics_before": before.metrics,
         "metrics_after": after.metrics,
-        "search": {"study": search.study_name, "best_trial": search.best_trial, "best_params": search.best_params}
-        if search else None,
+        "search": {
+            "study": search.study_name,
+            "best_trial": search.best_trial,
+            "best_params": search.best_params,
+        }
+        if search
+        else None,
     }
     version = registry.register(config.name, model_dir, card)
     if config.promote:
-        promotion = registry.promote_if_better(config.name, version, new_score=after.metric(config.metric),
-                                               current_score=current_score, metric=config.metric)
+        promotion = registry.promote_if_better(
+            config.name,
+            version,
+            new_score=after.metric(config.metric),
+            current_score=current_score,
+            metric=config.metric,
+        )
         decision = promotion.reason
         promoted = promotion.promoted
     else:
@@ -173,14 +227,18 @@ def supervised_flow(config: SupervisedConfig) -> dict:
         f"Training: `{config.train}` ({prepared.kind}, {prepared.rows['train']} rows"
         + (f", {prepared.rows['validation']} held out to score search trials" if config.search else "")
         + f"); evaluation: {prepared.eval_source} ({prepared.rows['eval']} rows). Loss: {trained['loss']}; "
-          f"base model: {settings_used.model}.",
+        f"base model: {settings_used.model}.",
         f"**Promotion**: {decision}.",
         labelled_markdown(before, after, eval_set),
     ]
     if search is not None:
-        sections += [f"**Search** ({len(search.trials)} trials, study `{search.study_name}`"
-                     + (", resumed" if search.resumed else "") + f"; {config.metric} on the validation rows; "
-                     f"plot: `{search_info['plot']}`)", trials_markdown(search)]
+        sections += [
+            f"**Search** ({len(search.trials)} trials, study `{search.study_name}`"
+            + (", resumed" if search.resumed else "")
+            + f"; {config.metric} on the validation rows; "
+            f"plot: `{search_info['plot']}`)",
+            trials_markdown(search),
+        ]
     sections += ["**Timings**", timings_markdown(timings)]
     markdown = "\n\n".join(sections)
     output = config.output or config.workspace / "reports" / f"supervised-{stamp}.json"
@@ -208,7 +266,10 @@ def supervised_flow(config: SupervisedConfig) -> dict:
     write_json_atomic(Path(output), result)
     publish_markdown(markdown, key="supervised-report", description="metrics before/after, examples, trials")
     if search is not None:
-        publish_markdown(f"# Search trials\n\n{trials_markdown(search)}", key="supervised-search-trials",
-                         description="hyper-parameter search trials")
+        publish_markdown(
+            f"# Search trials\n\n{trials_markdown(search)}",
+            key="supervised-search-trials",
+            description="hyper-parameter search trials",
+        )
     logger.info("report written to %s", output)
     return {k: v for k, v in result.items() if k not in {"before", "after"}}

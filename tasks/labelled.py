@@ -29,7 +29,11 @@ from tasks.evaluate import EvalReport, encode_texts, exact_index, report_from_ru
 log = logging.getLogger(__name__)
 
 PAIR_METRICS = ("accuracy", "F1", "AP")
-_TEXT_COLUMNS = {"pairs": ("text1", "text2"), "groups": ("text",), "triplets": ("query", "positive", "negative")}
+_TEXT_COLUMNS = {
+    "pairs": ("text1", "text2"),
+    "groups": ("text",),
+    "triplets": ("query", "positive", "negative"),
+}
 
 
 # ----------------------------------------------------------------------------------- components
@@ -46,7 +50,9 @@ def row_components(data: LabelledData) -> np.ndarray:
     node_of: dict[tuple[str, str], int] = {}
     edge_rows: list[int] = []
     edge_nodes: list[int] = []
-    columns = [("text", c) for c in _TEXT_COLUMNS[data.kind]] + ([("label", "label")] if data.kind == "groups" else [])
+    columns = [("text", c) for c in _TEXT_COLUMNS[data.kind]] + (
+        [("label", "label")] if data.kind == "groups" else []
+    )
     for space, column in columns:
         for row, value in enumerate(rows[column].tolist()):
             if value is None:
@@ -87,7 +93,9 @@ def duplicate_groups(data: LabelledData) -> np.ndarray:
     return row_components(linked)
 
 
-def split_no_shared_text(data: LabelledData, fraction: float, *, seed: int = 0) -> tuple[LabelledData, LabelledData]:
+def split_no_shared_text(
+    data: LabelledData, fraction: float, *, seed: int = 0
+) -> tuple[LabelledData, LabelledData]:
     """(train, eval): about ``fraction`` of the rows for eval, with no text on both sides."""
     if not 0 < fraction < 1:
         raise ValueError("the evaluation fraction must be between 0 and 1")
@@ -103,14 +111,23 @@ def split_no_shared_text(data: LabelledData, fraction: float, *, seed: int = 0) 
             taken += int(sizes[position])
     in_eval = np.isin(components, chosen)
     if not in_eval.any() or in_eval.all():
-        raise DataError(data.source, None, (
-            f"cannot carve an evaluation split of {fraction:.0%} with no text shared with training: the "
-            f"{len(data)} rows form {len(ids)} group(s) of connected texts, the largest with {sizes.max()} "
-            "rows; give an evaluation file instead"))
+        raise DataError(
+            data.source,
+            None,
+            (
+                f"cannot carve an evaluation split of {fraction:.0%} with no text shared with training: the "
+                f"{len(data)} rows form {len(ids)} group(s) of connected texts, the largest with {sizes.max()} "
+                "rows; give an evaluation file instead"
+            ),
+        )
     train, evaluation = data.subset(~in_eval), data.subset(in_eval)
     if not _has_retrieval_queries(evaluation):
-        raise DataError(data.source, None, "the carved evaluation split has no duplicate pairs to query with; "
-                                           "give an evaluation file or a larger evaluation fraction")
+        raise DataError(
+            data.source,
+            None,
+            "the carved evaluation split has no duplicate pairs to query with; "
+            "give an evaluation file or a larger evaluation fraction",
+        )
     return train, evaluation
 
 
@@ -148,7 +165,9 @@ def labelled_pairs(data: LabelledData, *, seed: int = 0) -> pd.DataFrame:
     if data.kind == "pairs":
         return data.rows[["text1", "text2", "label"]].reset_index(drop=True)
     if data.kind == "groups":
-        positives = [(g[i], g[(i + 1) % len(g)]) for g in _members(data) for i in range(len(g) if len(g) > 2 else 1)]
+        positives = [
+            (g[i], g[(i + 1) % len(g)]) for g in _members(data) for i in range(len(g) if len(g) > 2 else 1)
+        ]
         texts = data.rows["text"].tolist()
         labels = data.rows["label"].tolist()
         negatives: list[tuple[str, str]] = []
@@ -163,7 +182,9 @@ def labelled_pairs(data: LabelledData, *, seed: int = 0) -> pd.DataFrame:
     rows = data.rows
     groups = duplicate_groups(data)
     records = []
-    for row, (query, positive, negative) in enumerate(rows[["query", "positive", "negative"]].itertuples(index=False)):
+    for row, (query, positive, negative) in enumerate(
+        rows[["query", "positive", "negative"]].itertuples(index=False)
+    ):
         records.append((query, positive, 1))
         if negative is not None:
             records.append((query, negative, 0))
@@ -184,13 +205,17 @@ def positive_pairs(data: LabelledData) -> pd.DataFrame:
     if data.kind == "pairs":
         groups = duplicate_groups(data)
         positive = (data.rows["label"] == 1).to_numpy()
-        table = data.rows.loc[positive, ["text1", "text2"]].rename(columns={"text1": "anchor", "text2": "positive"})
+        table = data.rows.loc[positive, ["text1", "text2"]].rename(
+            columns={"text1": "anchor", "text2": "positive"}
+        )
         table["group"] = groups[positive]
     elif data.kind == "groups":
         records = []
         for number, group in enumerate(_members(data)):
-            records.extend((group[i], group[(i + 1) % len(group)], number)
-                           for i in range(len(group) if len(group) > 2 else 1))
+            records.extend(
+                (group[i], group[(i + 1) % len(group)], number)
+                for i in range(len(group) if len(group) > 2 else 1)
+            )
         table = pd.DataFrame(records, columns=["anchor", "positive", "group"])
     else:
         table = data.rows[["query", "positive", "negative"]].rename(columns={"query": "anchor"})
@@ -238,8 +263,10 @@ class EvalSet:
     @property
     def summary(self) -> str:
         positives = int(self.pairs["label"].sum())
-        return (f"{len(self.retrieval.queries)} queries over {len(self.retrieval.corpus)} texts; "
-                f"{len(self.pairs)} pairs ({positives} duplicates)")
+        return (
+            f"{len(self.retrieval.queries)} queries over {len(self.retrieval.corpus)} texts; "
+            f"{len(self.pairs)} pairs ({positives} duplicates)"
+        )
 
 
 def _text_id(text: str) -> str:
@@ -256,14 +283,17 @@ def build_eval_set(data: LabelledData, *, seed: int = 0) -> EvalSet:
     """
     texts = data.texts()
     ids = {t: _text_id(t) for t in texts}
-    docs = pd.DataFrame({
-        "doc_id": [ids[t] for t in texts],
-        "title": "",
-        "text": texts,
-        "image": None,
-        "content_hash": [content_hash("", t) for t in texts],
-        "attributes": None,
-    }, columns=CORPUS_COLUMNS)
+    docs = pd.DataFrame(
+        {
+            "doc_id": [ids[t] for t in texts],
+            "title": "",
+            "text": texts,
+            "image": None,
+            "content_hash": [content_hash("", t) for t in texts],
+            "attributes": None,
+        },
+        columns=CORPUS_COLUMNS,
+    )
     corpus = Corpus(docs=docs, source=data.source)
     qrels: dict[str, dict[str, int]] = {}
     rows = data.rows
@@ -284,13 +314,21 @@ def build_eval_set(data: LabelledData, *, seed: int = 0) -> EvalSet:
         for query, positive in rows[["query", "positive"]].itertuples(index=False):
             judge(query, positive)
     if not qrels:
-        raise DataError(data.source, None, "no duplicates to evaluate retrieval with; expected at least one "
-                                           "pair labelled 1, one group of two texts, or one (query, positive) row")
+        raise DataError(
+            data.source,
+            None,
+            "no duplicates to evaluate retrieval with; expected at least one "
+            "pair labelled 1, one group of two texts, or one (query, positive) row",
+        )
     text_of = dict(zip(docs["doc_id"], docs["text"], strict=True))
     queries = pd.DataFrame({"query_id": list(qrels), "text": [text_of[q] for q in qrels]})
     retrieval = BeirData(corpus=corpus, queries=queries, qrels=qrels, folder=data.source, split="eval")
-    return EvalSet(retrieval=retrieval, exclude={q: {q} for q in qrels}, pairs=labelled_pairs(data, seed=seed),
-                   source=data.source)
+    return EvalSet(
+        retrieval=retrieval,
+        exclude={q: {q} for q in qrels},
+        pairs=labelled_pairs(data, seed=seed),
+        source=data.source,
+    )
 
 
 # ------------------------------------------------------------------------------------ evaluating
@@ -318,14 +356,23 @@ class LabelledReport:
         return metrics[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"system": self.system, "retrieval": self.retrieval.to_dict(), "classification": self.classification,
-                "seconds": self.seconds, "extra": self.extra}
+        return {
+            "system": self.system,
+            "retrieval": self.retrieval.to_dict(),
+            "classification": self.classification,
+            "seconds": self.seconds,
+            "extra": self.extra,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LabelledReport:
-        return cls(system=data["system"], retrieval=EvalReport.from_dict(data["retrieval"]),
-                   classification=dict(data["classification"]), seconds=data.get("seconds", 0.0),
-                   extra=dict(data.get("extra", {})))
+        return cls(
+            system=data["system"],
+            retrieval=EvalReport.from_dict(data["retrieval"]),
+            classification=dict(data["classification"]),
+            seconds=data.get("seconds", 0.0),
+            extra=dict(data.get("extra", {})),
+        )
 
     def save(self, path: str | Path) -> Path:
         from tasks.store import write_json_atomic
@@ -348,14 +395,31 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, 
     if len(np.unique(labels)) < 2:  # e.g. (query, positive) rows only: nothing to tell apart
         log.warning("pair classification needs duplicate and non-duplicate pairs; reporting NaN")
         nan = float("nan")
-        return {"accuracy": nan, "F1": nan, "AP": nan, "accuracy_threshold": nan, "f1_threshold": nan,
-                "precision": nan, "recall": nan, "pairs": int(len(labels))}
-    accuracy, accuracy_threshold = BinaryClassificationEvaluator.find_best_acc_and_threshold(scores, labels, True)
-    f1, precision, recall, f1_threshold = BinaryClassificationEvaluator.find_best_f1_and_threshold(scores, labels, True)
+        return {
+            "accuracy": nan,
+            "F1": nan,
+            "AP": nan,
+            "accuracy_threshold": nan,
+            "f1_threshold": nan,
+            "precision": nan,
+            "recall": nan,
+            "pairs": int(len(labels)),
+        }
+    accuracy, accuracy_threshold = BinaryClassificationEvaluator.find_best_acc_and_threshold(
+        scores, labels, True
+    )
+    f1, precision, recall, f1_threshold = BinaryClassificationEvaluator.find_best_f1_and_threshold(
+        scores, labels, True
+    )
     return {
-        "accuracy": float(accuracy), "F1": float(f1), "AP": float(average_precision_score(labels, scores)),
-        "accuracy_threshold": float(accuracy_threshold), "f1_threshold": float(f1_threshold),
-        "precision": float(precision), "recall": float(recall), "pairs": int(len(labels)),
+        "accuracy": float(accuracy),
+        "F1": float(f1),
+        "AP": float(average_precision_score(labels, scores)),
+        "accuracy_threshold": float(accuracy_threshold),
+        "f1_threshold": float(f1_threshold),
+        "precision": float(precision),
+        "recall": float(recall),
+        "pairs": int(len(labels)),
     }
 
 
@@ -374,22 +438,40 @@ def evaluate_labelled(
 
     start = time.time()
     name = system or (str(model) if isinstance(model, (str, Path)) else "model")
-    encoder = load_sentence_transformer(model, max_seq_length=max_seq_length) if isinstance(model, (str, Path)) else model
+    encoder = (
+        load_sentence_transformer(model, max_seq_length=max_seq_length)
+        if isinstance(model, (str, Path))
+        else model
+    )
     corpus = eval_set.retrieval.corpus
-    embeddings = encode_texts(encoder, corpus.texts(), batch_size=batch_size, show_progress=show_progress,
-                              desc="encoding evaluation texts")
+    embeddings = encode_texts(
+        encoder,
+        corpus.texts(),
+        batch_size=batch_size,
+        show_progress=show_progress,
+        desc="encoding evaluation texts",
+    )
     position = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
     queries = eval_set.retrieval.queries["query_id"].tolist()
-    run = search_index(exact_index(embeddings), corpus.ids, queries, embeddings[[position[q] for q in queries]],
-                       top_k=top_k, exclude=eval_set.exclude)
+    run = search_index(
+        exact_index(embeddings),
+        corpus.ids,
+        queries,
+        embeddings[[position[q] for q in queries]],
+        top_k=top_k,
+        exclude=eval_set.exclude,
+    )
     retrieval = report_from_run(name, eval_set.retrieval, run, seconds=time.time() - start)
-    row_of_text = {text: position[doc_id] for doc_id, text in zip(corpus.ids, corpus.docs["text"], strict=True)}
+    row_of_text = {
+        text: position[doc_id] for doc_id, text in zip(corpus.ids, corpus.docs["text"], strict=True)
+    }
     left = embeddings[[row_of_text[t] for t in eval_set.pairs["text1"]]]
     right = embeddings[[row_of_text[t] for t in eval_set.pairs["text2"]]]
     scores = np.sum(left * right, axis=1)
     classification = classification_metrics(scores, eval_set.pairs["label"].to_numpy())
-    return LabelledReport(system=name, retrieval=retrieval, classification=classification,
-                          seconds=round(time.time() - start, 2))
+    return LabelledReport(
+        system=name, retrieval=retrieval, classification=classification, seconds=round(time.time() - start, 2)
+    )
 
 
 # -------------------------------------------------------------------------------------- reports
@@ -412,17 +494,26 @@ def labelled_markdown(
         how = "average precision" if metric == "AP" else "at the best threshold"
         lines.append(f"| {metric} ({how}) | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
     texts = dict(zip(eval_set.retrieval.corpus.ids, eval_set.retrieval.corpus.docs["text"], strict=True))
-    examples = example_matches(before.retrieval, after.retrieval, texts, texts, eval_set.retrieval.qrels,
-                               n=n_examples, metric="MRR@10")
-    return "\n\n".join([
-        f"Evaluation set: {eval_set.summary}.",
-        "**Retrieval** (each query against all evaluation texts, itself left out)",
-        before_after_markdown(before.retrieval, after.retrieval, metrics),
-        "**Pair classification** (cosine similarity)",
-        "\n".join(lines),
-        "**Example matches** (top 3 before and after; ✅ a labelled duplicate)",
-        examples_markdown(examples),
-    ])
+    examples = example_matches(
+        before.retrieval,
+        after.retrieval,
+        texts,
+        texts,
+        eval_set.retrieval.qrels,
+        n=n_examples,
+        metric="MRR@10",
+    )
+    return "\n\n".join(
+        [
+            f"Evaluation set: {eval_set.summary}.",
+            "**Retrieval** (each query against all evaluation texts, itself left out)",
+            before_after_markdown(before.retrieval, after.retrieval, metrics),
+            "**Pair classification** (cosine similarity)",
+            "\n".join(lines),
+            "**Example matches** (top 3 before and after; ✅ a labelled duplicate)",
+            examples_markdown(examples),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------ preparing
@@ -447,7 +538,9 @@ class PreparedData:
         table = pd.concat([pd.read_parquet(self.paths[name]) for name in split.split("+")], ignore_index=True)
         if self.kind == "triplets":
             table["negative"] = table["negative"].astype(object).where(table["negative"].notna(), None)
-        return LabelledData(self.kind, table, source=f"{Path(self.paths[split.split('+')[0]]).parent} ({split})")
+        return LabelledData(
+            self.kind, table, source=f"{Path(self.paths[split.split('+')[0]]).parent} ({split})"
+        )
 
 
 def prepare_labelled(
@@ -472,10 +565,18 @@ def prepare_labelled(
     data = read_labelled(train, layout)
     given = read_labelled(eval_file, layout) if eval_file else None
     if given is not None and given.kind != data.kind:
-        raise DataError(eval_file, None, f"the evaluation file holds {given.kind}, the training file {data.kind}; "
-                                         "expected the same layout")
-    config = {"layout": data.kind, "eval_fraction": None if given else eval_fraction,
-              "validation_fraction": validation_fraction, "seed": seed}
+        raise DataError(
+            eval_file,
+            None,
+            f"the evaluation file holds {given.kind}, the training file {data.kind}; "
+            "expected the same layout",
+        )
+    config = {
+        "layout": data.kind,
+        "eval_fraction": None if given else eval_fraction,
+        "validation_fraction": validation_fraction,
+        "seed": seed,
+    }
     key = stage_key("labelled", config, inputs=[data.key, given.key if given else ""])
     store = Store(workspace)
     if store.is_complete("labelled", key):
@@ -485,25 +586,42 @@ def prepare_labelled(
         training, evaluation = data, given
         shared = len(shared_texts(data, given))
         if shared:
-            log.warning("%d texts are in both %s and %s: evaluation results will look better than they are",
-                        shared, train, eval_file)
+            log.warning(
+                "%d texts are in both %s and %s: evaluation results will look better than they are",
+                shared,
+                train,
+                eval_file,
+            )
     else:
         training, evaluation = split_no_shared_text(data, eval_fraction, seed=seed)
         shared = 0
     splits = {"train": training, "eval": evaluation}
     if validation_fraction:
-        splits["train"], splits["validation"] = split_no_shared_text(training, validation_fraction, seed=seed + 1)
+        splits["train"], splits["validation"] = split_no_shared_text(
+            training, validation_fraction, seed=seed + 1
+        )
     import pyarrow as pa
 
     writer = store.open("labelled", key, config=config, inputs=[data.key, given.key if given else ""])
     paths = {}
     for name, split in splits.items():
-        paths[name] = str(writer.write_file(f"{name}.parquet",
-                                            lambda tmp, split=split: split.rows.to_parquet(tmp, index=False)))
-    prepared = PreparedData(kind=data.kind, key=key, paths=paths, rows={n: len(s) for n, s in splits.items()},
-                            eval_source=str(eval_file) if eval_file else f"carved from {train}", shared_texts=shared)
+        paths[name] = str(
+            writer.write_file(
+                f"{name}.parquet", lambda tmp, split=split: split.rows.to_parquet(tmp, index=False)
+            )
+        )
+    prepared = PreparedData(
+        kind=data.kind,
+        key=key,
+        paths=paths,
+        rows={n: len(s) for n, s in splits.items()},
+        eval_source=str(eval_file) if eval_file else f"carved from {train}",
+        shared_texts=shared,
+    )
     schema = pa.schema([("split", pa.string()), ("rows", pa.int64())])
-    writer.write_part(0, pa.table({"split": list(splits), "rows": [len(s) for s in splits.values()]}, schema=schema))
+    writer.write_part(
+        0, pa.table({"split": list(splits), "rows": [len(s) for s in splits.values()]}, schema=schema)
+    )
     writer.commit(prepared=asdict(prepared))
     return prepared
 
@@ -522,10 +640,20 @@ def evaluate_prepared(
     """Evaluate a model on a stored split; the full report goes to ``output`` (JSON), the
     headline metrics are returned."""
     eval_set = build_eval_set(prepared.load(split), seed=seed)
-    report = evaluate_labelled(str(model), eval_set, system=system or str(model), batch_size=batch_size,
-                               max_seq_length=max_seq_length)
+    report = evaluate_labelled(
+        str(model),
+        eval_set,
+        system=system or str(model),
+        batch_size=batch_size,
+        max_seq_length=max_seq_length,
+    )
     report.save(output)
-    return {"report": str(output), "metrics": report.metrics, "seconds": report.seconds, "summary": eval_set.summary}
+    return {
+        "report": str(output),
+        "metrics": report.metrics,
+        "seconds": report.seconds,
+        "summary": eval_set.summary,
+    }
 
 
 # ---------------------------------------------------------------------------------- Prefect tasks

@@ -33,7 +33,9 @@ def write(path, text):
 
 
 def pairs_data(rows):
-    return LabelledData("pairs", pd.DataFrame(rows, columns=["text1", "text2", "label"]).assign(line=0), "mem")
+    return LabelledData(
+        "pairs", pd.DataFrame(rows, columns=["text1", "text2", "label"]).assign(line=0), "mem"
+    )
 
 
 # ---------------------------------------------------------------------------------------- readers
@@ -50,13 +52,28 @@ def test_quora_sample_reads_as_labelled_pairs(quora_sample):
 
 
 def test_groups_and_query_rows_in_csv_jsonl_parquet(tmp_path):
-    groups = write(tmp_path / "g.csv", 'text,label\n"Reset my password",pw\nForgot password,pw\nCancel order,cancel\n'
-                                       "Stop my order,cancel\nWhere is my parcel,track\n")
+    groups = write(
+        tmp_path / "g.csv",
+        'text,label\n"Reset my password",pw\nForgot password,pw\nCancel order,cancel\n'
+        "Stop my order,cancel\nWhere is my parcel,track\n",
+    )
     data = read_labelled(groups)
     assert data.kind == "groups" and data.rows["label"].tolist() == ["pw", "pw", "cancel", "cancel", "track"]
-    queries = write(tmp_path / "q.jsonl", "\n".join(json.dumps(r) for r in [
-        {"query": "reset password", "positive": "How to reset your password", "negative": "Order tracking"},
-        {"query": "cancel order", "positive": "Cancelling an order", "negative": "Password help"}]) + "\n")
+    queries = write(
+        tmp_path / "q.jsonl",
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "query": "reset password",
+                    "positive": "How to reset your password",
+                    "negative": "Order tracking",
+                },
+                {"query": "cancel order", "positive": "Cancelling an order", "negative": "Password help"},
+            ]
+        )
+        + "\n",
+    )
     data = read_labelled(queries)
     assert data.kind == "triplets" and data.rows["negative"].tolist() == ["Order tracking", "Password help"]
     parquet = tmp_path / "q.parquet"
@@ -65,13 +82,20 @@ def test_groups_and_query_rows_in_csv_jsonl_parquet(tmp_path):
     assert data.rows["negative"].isna().all() and detect_labelled_kind(parquet) == "triplets"
 
 
-@pytest.mark.parametrize("content, line, message", [
-    ("is_duplicate\tquestion1\tquestion2\n1\ta\tb\n0\tc\n", 3, "expected 3 fields"),
-    ("is_duplicate\tquestion1\tquestion2\n1\ta\tb\n2\tc\td\n", 3, "'is_duplicate' is '2'; expected a label 0 or 1"),
-    ("is_duplicate\tquestion1\tquestion2\n1\ta\tb\nyes\tc\td\n", 3, "expected a label 0 or 1"),
-    ("is_duplicate\tquestion1\tquestion2\n1\ta\t \n", 2, "field 'question2' is empty; expected a text"),
-    ("duplicate_of\tquestion1\tquestion2\n1\ta\tb\n", 1, "no label (0/1) column"),
-])
+@pytest.mark.parametrize(
+    "content, line, message",
+    [
+        ("is_duplicate\tquestion1\tquestion2\n1\ta\tb\n0\tc\n", 3, "expected 3 fields"),
+        (
+            "is_duplicate\tquestion1\tquestion2\n1\ta\tb\n2\tc\td\n",
+            3,
+            "'is_duplicate' is '2'; expected a label 0 or 1",
+        ),
+        ("is_duplicate\tquestion1\tquestion2\n1\ta\tb\nyes\tc\td\n", 3, "expected a label 0 or 1"),
+        ("is_duplicate\tquestion1\tquestion2\n1\ta\t \n", 2, "field 'question2' is empty; expected a text"),
+        ("duplicate_of\tquestion1\tquestion2\n1\ta\tb\n", 1, "no label (0/1) column"),
+    ],
+)
 def test_bad_pair_files_name_file_line_and_expectation(tmp_path, content, line, message):
     path = write(tmp_path / "pairs.tsv", content)
     with pytest.raises(DataError) as info:
@@ -87,7 +111,9 @@ def test_bad_group_and_query_files(tmp_path):
         read_label_groups(write(tmp_path / "b.csv", "text,label\nx,1\ny,2\n"))
     with pytest.raises(DataError, match="line 2: no 'positive' field"):
         read_query_pairs(write(tmp_path / "c.jsonl", '{"query": "q", "positive": "p"}\n{"query": "r"}\n'))
-    with pytest.raises(DataError, match="line 1: cannot tell the layout from the column names.*found .id., .body."):
+    with pytest.raises(
+        DataError, match="line 1: cannot tell the layout from the column names.*found .id., .body."
+    ):
         read_labelled(write(tmp_path / "d.csv", "id,body\n1,x\n"))
     with pytest.raises(DataError, match="no rows in the file"):
         read_labelled(write(tmp_path / "e.jsonl", "\n"))
@@ -116,8 +142,11 @@ def test_split_follows_chains_of_shared_texts_and_group_labels():
     train, evaluation = split_no_shared_text(data, 0.5, seed=0)
     assert shared_texts(train, evaluation) == set()
     assert {"a", "b", "c"} <= set(train.texts()) or {"a", "b", "c"} <= set(evaluation.texts())
-    groups = LabelledData("groups", pd.DataFrame({"text": ["u", "v", "w", "z"], "label": ["1", "1", "2", "2"],
-                                                  "line": 0}), "mem")
+    groups = LabelledData(
+        "groups",
+        pd.DataFrame({"text": ["u", "v", "w", "z"], "label": ["1", "1", "2", "2"], "line": 0}),
+        "mem",
+    )
     train, evaluation = split_no_shared_text(groups, 0.5)
     assert set(train.rows["label"]).isdisjoint(evaluation.rows["label"])
     one_chain = pairs_data([("a", "b", 1), ("b", "c", 1), ("c", "d", 0)])
@@ -135,13 +164,19 @@ def test_views_turn_every_layout_into_every_loss_input():
     triplet = text_groups(data)
     label = dict(zip(triplet["text"], triplet["label"], strict=True))
     assert label["a"] == label["c"] != label["e"]
-    grouped = LabelledData("groups", pd.DataFrame({"text": ["u", "v", "w", "x", "y"], "label": [1, 1, 2, 2, 2],
-                                                   "line": 0}), "mem")
+    grouped = LabelledData(
+        "groups",
+        pd.DataFrame({"text": ["u", "v", "w", "x", "y"], "label": [1, 1, 2, 2, 2], "line": 0}),
+        "mem",
+    )
     contrastive = labelled_pairs(grouped)
     assert contrastive["label"].sum() == 1 + 3 and (contrastive["label"] == 0).sum() == 4
     assert len(positive_pairs(grouped)) == 4
-    rows = LabelledData("triplets", pd.DataFrame({"query": ["q1", "q2"], "positive": ["p1", "p2"],
-                                                  "negative": ["n1", "n2"], "line": 0}), "mem")
+    rows = LabelledData(
+        "triplets",
+        pd.DataFrame({"query": ["q1", "q2"], "positive": ["p1", "p2"], "negative": ["n1", "n2"], "line": 0}),
+        "mem",
+    )
     assert labelled_pairs(rows)["label"].tolist() == [1, 0, 1, 0]
     assert list(positive_pairs(rows).columns) == ["anchor", "positive", "negative", "group"]
 
@@ -182,15 +217,20 @@ def test_prepare_stores_splits_once_and_warns_about_leakage(tmp_path, quora_samp
     assert len(first.load("train+validation")) == first.rows["train"] + first.rows["validation"]
     again = prepare_labelled(quora_sample / "train.tsv", tmp_path, validation_fraction=0.2)
     assert again == first
-    leaky = write(tmp_path / "leaky.tsv", "is_duplicate\tquestion1\tquestion2\n"
-                  + "".join(f"{r.label}\t{r.text1}\t{r.text2}\n" for r in splits["train"].rows.head(5).itertuples()))
+    leaky = write(
+        tmp_path / "leaky.tsv",
+        "is_duplicate\tquestion1\tquestion2\n"
+        + "".join(f"{r.label}\t{r.text1}\t{r.text2}\n" for r in splits["train"].rows.head(5).itertuples()),
+    )
     given = prepare_labelled(quora_sample / "train.tsv", tmp_path, eval_file=leaky)
     assert given.shared_texts == 10 and "10 texts are in both" in caplog.text
 
 
 def test_pairs_without_text_columns_say_which_names_are_expected(tmp_path):
     path = write(tmp_path / "p.jsonl", json.dumps({"a": "x", "b": "y", "label": 1}) + "\n")
-    with pytest.raises(DataError, match=r"line 1: no pair of text columns; expected 'text1', 'text2' or .*found 'a'"):
+    with pytest.raises(
+        DataError, match=r"line 1: no pair of text columns; expected 'text1', 'text2' or .*found 'a'"
+    ):
         read_labelled_pairs(path)
     explicit = read_labelled_pairs(path, text1_field="a", text2_field="b")
     assert explicit.rows[["text1", "text2", "label"]].values.tolist() == [["x", "y", 1]]

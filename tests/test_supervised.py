@@ -17,8 +17,12 @@ from tasks.labelled import build_eval_set, positive_pairs, split_no_shared_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"learning_rate": 1e-3, "batch_size": 16, "epochs": 1, "max_seq_length": 32}
-SPACE = {"search_learning_rate": [3e-4, 3e-3], "search_batch_sizes": [16], "search_epochs": [1],
-         "search_evaluations": 2}
+SPACE = {
+    "search_learning_rate": [3e-4, 3e-3],
+    "search_batch_sizes": [16],
+    "search_epochs": [1],
+    "search_evaluations": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +42,13 @@ def weights(model_dir):
 @pytest.mark.parametrize("loss", [*LOSSES, "mnrl-matryoshka"])
 def test_each_loss_trains_and_changes_the_weights(tmp_path, tiny_bi_encoder, small_pairs, loss):
     train, _ = small_pairs
-    settings = TrainSettings(model=str(tiny_bi_encoder), loss=loss.removesuffix("-matryoshka"),
-                             matryoshka_dims=[32, 16] if loss.endswith("matryoshka") else [], mini_batch_size=4, **FAST)
+    settings = TrainSettings(
+        model=str(tiny_bi_encoder),
+        loss=loss.removesuffix("-matryoshka"),
+        matryoshka_dims=[32, 16] if loss.endswith("matryoshka") else [],
+        mini_batch_size=4,
+        **FAST,
+    )
     result = train_supervised(train, settings, tmp_path / "model", show_progress=False)
     assert result.loss == settings.loss and result.steps > 0 and result.loss_history
     before, after = weights(tiny_bi_encoder), weights(result.model_dir)
@@ -49,16 +58,38 @@ def test_each_loss_trains_and_changes_the_weights(tmp_path, tiny_bi_encoder, sma
 
 
 def test_groups_and_query_rows_train_with_their_default_losses(tmp_path, tiny_bi_encoder):
-    texts = [f"how do I {verb} my {thing}" for verb in ("reset", "change", "recover") for thing in ("password", "email")]
-    groups = LabelledData("groups", pd.DataFrame({"text": texts + [t + "?" for t in texts],
-                                                  "label": list(range(6)) * 2, "line": 0}), "mem")
-    result = train_supervised(groups, TrainSettings(model=str(tiny_bi_encoder), **{**FAST, "batch_size": 4}),
-                              tmp_path / "groups", show_progress=False)
+    texts = [
+        f"how do I {verb} my {thing}"
+        for verb in ("reset", "change", "recover")
+        for thing in ("password", "email")
+    ]
+    groups = LabelledData(
+        "groups",
+        pd.DataFrame({"text": texts + [t + "?" for t in texts], "label": list(range(6)) * 2, "line": 0}),
+        "mem",
+    )
+    result = train_supervised(
+        groups,
+        TrainSettings(model=str(tiny_bi_encoder), **{**FAST, "batch_size": 4}),
+        tmp_path / "groups",
+        show_progress=False,
+    )
     assert result.loss == "batch-hard-triplet" and result.steps > 0
-    rows = LabelledData("triplets", pd.DataFrame({"query": texts, "positive": [t + "?" for t in texts],
-                                                  "negative": texts[1:] + texts[:1], "line": 0}), "mem")
-    result = train_supervised(rows, TrainSettings(model=str(tiny_bi_encoder), **FAST), tmp_path / "rows",
-                              show_progress=False)
+    rows = LabelledData(
+        "triplets",
+        pd.DataFrame(
+            {
+                "query": texts,
+                "positive": [t + "?" for t in texts],
+                "negative": texts[1:] + texts[:1],
+                "line": 0,
+            }
+        ),
+        "mem",
+    )
+    result = train_supervised(
+        rows, TrainSettings(model=str(tiny_bi_encoder), **FAST), tmp_path / "rows", show_progress=False
+    )
     assert result.loss == "mnrl" and result.rows == 6
 
 
@@ -70,11 +101,19 @@ def test_in_batch_negatives_are_never_duplicates_of_the_anchor(tiny_bi_encoder):
 
     # a-b, b-c, c-d are one duplicate group (chained); without the group column a-b and c-d could share a batch
     rows = [(f"q{i}", f"q{i + 1}", 1) for i in range(0, 12)] + [(f"x{i}", f"y{i}", 1) for i in range(12)]
-    data = LabelledData("pairs", pd.DataFrame(rows, columns=["text1", "text2", "label"]).assign(line=0), "mem")
+    data = LabelledData(
+        "pairs", pd.DataFrame(rows, columns=["text1", "text2", "label"]).assign(line=0), "mem"
+    )
     table = positive_pairs(data)
     dataset = Dataset.from_pandas(table, preserve_index=False)
-    sampler = _per_dataset_sampler(dataset, batch_size=4, drop_last=False, valid_label_columns=["label"],
-                                   generator=torch.Generator(), seed=0)
+    sampler = _per_dataset_sampler(
+        dataset,
+        batch_size=4,
+        drop_last=False,
+        valid_label_columns=["label"],
+        generator=torch.Generator(),
+        seed=0,
+    )
     seen = 0
     for batch in sampler:
         groups = table["group"].iloc[batch].tolist()
@@ -88,12 +127,23 @@ def test_in_batch_negatives_are_never_duplicates_of_the_anchor(tiny_bi_encoder):
 def test_two_trial_search_picks_the_best_and_reports(tmp_path, tiny_bi_encoder, small_pairs):
     train, validation = small_pairs
     seen = []
-    result = run_search(train, validation, base=TrainSettings(model=str(tiny_bi_encoder), **FAST),
-                        space=SearchSettings(search=2, **SPACE), workdir=tmp_path, metric="MRR@10",
-                        show_progress=False, on_trial=seen.append)
+    result = run_search(
+        train,
+        validation,
+        base=TrainSettings(model=str(tiny_bi_encoder), **FAST),
+        space=SearchSettings(search=2, **SPACE),
+        workdir=tmp_path,
+        metric="MRR@10",
+        show_progress=False,
+        on_trial=seen.append,
+    )
     assert [t["state"] for t in result.trials] == ["COMPLETE", "COMPLETE"] and len(seen) == 2
     first = result.trials[0]
-    assert first["default"] and first["learning_rate"] == FAST["learning_rate"] and first["loss"] == "online-contrastive"
+    assert (
+        first["default"]
+        and first["learning_rate"] == FAST["learning_rate"]
+        and first["loss"] == "online-contrastive"
+    )
     assert result.default_trial == 0 and result.best_value >= result.default_value
     assert result.best_value == max(t["value"] for t in result.trials)
     assert result.trials[1]["learning_rate"] != FAST["learning_rate"]
@@ -115,8 +165,15 @@ def test_pruned_trials_stop_early_and_keep_no_model(tmp_path, tiny_bi_encoder, s
 
     train, validation = small_pairs
     space = SearchSettings(search=2, **{**SPACE, "search_evaluations": 3})
-    result = run_search(train, validation, base=TrainSettings(model=str(tiny_bi_encoder), **FAST), space=space,
-                        workdir=tmp_path, show_progress=False, pruner=PruneAllButFirst())
+    result = run_search(
+        train,
+        validation,
+        base=TrainSettings(model=str(tiny_bi_encoder), **FAST),
+        space=space,
+        workdir=tmp_path,
+        show_progress=False,
+        pruner=PruneAllButFirst(),
+    )
     complete, pruned = result.trials
     assert complete["state"] == "COMPLETE" and pruned["state"] == "PRUNED"
     assert list(pruned["intermediate"]) == ["1"]  # stopped at its first evaluation
@@ -143,12 +200,26 @@ def test_a_failed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
     base = TrainSettings(model=str(tiny_bi_encoder), **FAST)
     space = SearchSettings(search=2, **SPACE)
     with pytest.raises(RuntimeError, match="power cut"):
-        run_search(train, validation, base=base, space=space, workdir=tmp_path, show_progress=False,
-                   callbacks=[CountAndFail(fail_on_trial=1)])
+        run_search(
+            train,
+            validation,
+            base=base,
+            space=space,
+            workdir=tmp_path,
+            show_progress=False,
+            callbacks=[CountAndFail(fail_on_trial=1)],
+        )
     assert len(started) == 2
     started.clear()
-    result = run_search(train, validation, base=base, space=space, workdir=tmp_path, show_progress=False,
-                        callbacks=[CountAndFail(fail_on_trial=-1)])
+    result = run_search(
+        train,
+        validation,
+        base=base,
+        space=space,
+        workdir=tmp_path,
+        show_progress=False,
+        callbacks=[CountAndFail(fail_on_trial=-1)],
+    )
     assert len(started) == 1 and result.resumed  # only the cut-off trial ran again
     states = [t["state"] for t in result.trials]
     assert states == [TrialState.COMPLETE.name, TrialState.FAIL.name, TrialState.COMPLETE.name]
@@ -182,14 +253,24 @@ run_search(train, build_eval_set(validation), base=TrainSettings(model={model!r}
 """
 
 
-def test_a_killed_search_resumes_and_reruns_only_the_cut_off_trial(tmp_path, tiny_bi_encoder, small_pairs, quora_sample):
+def test_a_killed_search_resumes_and_reruns_only_the_cut_off_trial(
+    tmp_path, tiny_bi_encoder, small_pairs, quora_sample
+):
     train, validation = small_pairs
     marker = tmp_path / "second-trial-started"
-    script = KILLED_SEARCH.format(tests=str(ROOT / "tests"), marker=str(marker), data=str(quora_sample / "train.tsv"),
-                                  model=str(tiny_bi_encoder), fast=FAST, space=SPACE, workdir=str(tmp_path))
+    script = KILLED_SEARCH.format(
+        tests=str(ROOT / "tests"),
+        marker=str(marker),
+        data=str(quora_sample / "train.tsv"),
+        model=str(tiny_bi_encoder),
+        fast=FAST,
+        space=SPACE,
+        workdir=str(tmp_path),
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 300
     while not marker.exists():
         assert child.poll() is None, child.stderr.read().decode()[-2000:]
@@ -197,10 +278,20 @@ def test_a_killed_search_resumes_and_reruns_only_the_cut_off_trial(tmp_path, tin
         time.sleep(0.5)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    result = run_search(train, validation, base=TrainSettings(model=str(tiny_bi_encoder), **FAST),
-                        space=SearchSettings(search=2, **SPACE), workdir=tmp_path, show_progress=False)
+    result = run_search(
+        train,
+        validation,
+        base=TrainSettings(model=str(tiny_bi_encoder), **FAST),
+        space=SearchSettings(search=2, **SPACE),
+        workdir=tmp_path,
+        show_progress=False,
+    )
     states = [t["state"] for t in result.trials]
-    assert states == ["COMPLETE", "FAIL", "COMPLETE"]  # the killed trial was left RUNNING, then failed and retried
+    assert states == [
+        "COMPLETE",
+        "FAIL",
+        "COMPLETE",
+    ]  # the killed trial was left RUNNING, then failed and retried
     assert result.trials[2]["retry_of"] == 1 and result.resumed
     assert result.trials[2]["learning_rate"] == result.trials[1]["learning_rate"]
 
@@ -214,21 +305,40 @@ def test_search_settings_are_checked():
         SearchSettings(search_batch_sizes=[3]).check()
 
 
-def test_training_refuses_to_overwrite_and_reports_bad_matryoshka_sizes(tmp_path, tiny_bi_encoder, small_pairs):
+def test_training_refuses_to_overwrite_and_reports_bad_matryoshka_sizes(
+    tmp_path, tiny_bi_encoder, small_pairs
+):
     train, _ = small_pairs
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError):
-        train_supervised(train, TrainSettings(model=str(tiny_bi_encoder)), tmp_path / "taken", show_progress=False)
+        train_supervised(
+            train, TrainSettings(model=str(tiny_bi_encoder)), tmp_path / "taken", show_progress=False
+        )
     with pytest.raises(ValueError, match=r"matryoshka_dims \[64\] exceed the model's embedding size 32"):
-        train_supervised(train, TrainSettings(model=str(tiny_bi_encoder), matryoshka_dims=[64, 16]),
-                         tmp_path / "m", show_progress=False)
+        train_supervised(
+            train,
+            TrainSettings(model=str(tiny_bi_encoder), matryoshka_dims=[64, 16]),
+            tmp_path / "m",
+            show_progress=False,
+        )
     assert not (tmp_path / "m").exists()
 
 
 def test_search_result_json_round_trip(tmp_path):
     from finetune.search import SearchResult, load_result, save_result
 
-    result = SearchResult("s", "sqlite:///x", "MRR@10", 1, 0.5, {"loss": "mnrl"}, "/m", 0, 0.4,
-                          trials=[{"number": 0}], resumed=True)
+    result = SearchResult(
+        "s",
+        "sqlite:///x",
+        "MRR@10",
+        1,
+        0.5,
+        {"loss": "mnrl"},
+        "/m",
+        0,
+        0.4,
+        trials=[{"number": 0}],
+        resumed=True,
+    )
     assert load_result(save_result(result, tmp_path / "r.json")) == result
     assert json.loads((tmp_path / "r.json").read_text())["best_params"] == {"loss": "mnrl"}

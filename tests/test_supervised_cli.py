@@ -50,8 +50,9 @@ def test_bad_arguments_get_a_clear_message_and_exit_2(capsys, tmp_path, quora_sa
     assert "not in the hub cache" in capsys.readouterr().out
 
 
-def test_supervised_flow_with_search_registers_and_publishes(prefect_harness, tmp_path, quora_sample,
-                                                             tiny_bi_encoder, capsys):
+def test_supervised_flow_with_search_registers_and_publishes(
+    prefect_harness, tmp_path, quora_sample, tiny_bi_encoder, capsys
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -61,11 +62,40 @@ def test_supervised_flow_with_search_registers_and_publishes(prefect_harness, tm
     evaluation = subset(quora_sample / "test.tsv", tmp_path / "test.tsv", 200)
     workspace = tmp_path / "ws"
     output = tmp_path / "report.json"
-    code = main(["supervised", "--train", str(train), "--eval", str(evaluation), "--model", str(tiny_bi_encoder),
-                 "--learning-rate", "1e-3", "--batch-size", "16", "--max-seq-length", "32", "--search", "2",
-                 "--search-learning-rate", "3e-4", "3e-3", "--search-batch-sizes", "16", "--search-epochs", "1",
-                 "--search-evaluations", "2", "--metric", "MRR@10", "--workspace", str(workspace),
-                 "--output", str(output)])
+    code = main(
+        [
+            "supervised",
+            "--train",
+            str(train),
+            "--eval",
+            str(evaluation),
+            "--model",
+            str(tiny_bi_encoder),
+            "--learning-rate",
+            "1e-3",
+            "--batch-size",
+            "16",
+            "--max-seq-length",
+            "32",
+            "--search",
+            "2",
+            "--search-learning-rate",
+            "3e-4",
+            "3e-3",
+            "--search-batch-sizes",
+            "16",
+            "--search-epochs",
+            "1",
+            "--search-evaluations",
+            "2",
+            "--metric",
+            "MRR@10",
+            "--workspace",
+            str(workspace),
+            "--output",
+            str(output),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "pair AP" in out and "MRR@10" in out
@@ -73,7 +103,9 @@ def test_supervised_flow_with_search_registers_and_publishes(prefect_harness, tm
     assert report["kind"] == "pairs" and report["rows"]["eval"] == 200
     assert report["rows"]["train"] + report["rows"]["validation"] == 300
     assert len(report["search"]["trials"]) == 2 and report["search"]["trials"][0]["default"]
-    assert set(report["metrics_after"]) == set(report["metrics_before"]) and "pair F1" in report["metrics_after"]
+    assert (
+        set(report["metrics_after"]) == set(report["metrics_before"]) and "pair F1" in report["metrics_after"]
+    )
     registry = Registry(workspace)
     card = registry.card("supervised", report["version"])
     assert card["metrics_after"]["MRR@10"] == report["metrics_after"]["MRR@10"]
@@ -81,8 +113,10 @@ def test_supervised_flow_with_search_registers_and_publishes(prefect_harness, tm
     assert (registry.current("supervised") == report["version"]) == report["promoted"]
     assert registry.history("supervised")[-1]["event"] in {"promoted", "rejected"}
     with get_client(sync_client=True) as client:
-        artifacts = {key: client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-                     for key in ("supervised-report", "supervised-search-trials")}
+        artifacts = {
+            key: client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            for key in ("supervised-report", "supervised-search-trials")
+        }
     text = artifacts["supervised-report"][-1].data
     assert "Pair classification" in text and "Example matches" in text and "| 0 (defaults) |" in text
     assert "| 1 |" in artifacts["supervised-search-trials"][-1].data
