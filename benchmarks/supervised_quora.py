@@ -135,6 +135,13 @@ def main() -> None:
     defaults = TrainSettings(seed=SEED)
     default_dir = train(defaults, "default")
     after = evaluate(default_dir, "fine-tuned (defaults)")
+    # the headline numbers, kept in the work folder in case the search that follows is cut off
+    headline = {
+        f"{m}_{when}": round(r.metric(name), 4)
+        for m, name in (("mrr@10", "MRR@10"), ("ap", "pair AP"))
+        for when, r in (("before", before), ("after", after))
+    }
+    write_json_atomic(args.workdir / "headline.json", {**headline, "timings_seconds": dict(timings)})
 
     # the search: trained on 80% of dev, scored on the other 20%, never on test
     clock = time.time()
