@@ -132,6 +132,49 @@ def _run_with_progress(console, label: str, function, *args):
         return function(*args)
 
 
+# ----------------------------------------------------------------------------------- supervised
+
+
+def _supervised(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from flows.supervised import SupervisedConfig, supervised_flow
+    from tasks.corpus import read_labelled
+    from tasks.models import resolve_model
+
+    config = build_config(SupervisedConfig, args, args.config)
+    # Fail on bad input before a flow run starts, with the file and line, not a flow traceback.
+    try:
+        config.search_settings().check()
+    except ValueError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from None
+    train = read_labelled(config.train, config.layout)
+    if config.eval is not None:
+        evaluation = read_labelled(config.eval, config.layout)
+        if evaluation.kind != train.kind:
+            raise ConfigError(f"--eval {config.eval} holds {evaluation.kind}, --train {config.train} holds "
+                              f"{train.kind}; expected the same layout")
+    for name in dict.fromkeys([config.model, *config.search_models]):
+        resolve_model(name)
+    console = _console()
+    console.print(f"[bold]{config.train}[/bold]: {len(train)} {train.kind} rows; evaluation: "
+                  f"{config.eval or f'{config.eval_fraction:.0%} carved off, no shared text'}"
+                  + (f"; search: {config.search} trials" if config.search else ""))
+    result = supervised_flow(config)
+    table = Table(title=f"Supervised fine-tuning: {config.name} {result['version']} ({result['loss']})")
+    table.add_column("metric", style="bold")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for metric, before in result["metrics_before"].items():
+        after = result["metrics_after"][metric]
+        table.add_row(metric, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
+    console.print(table)
+    console.print(result["decision"])
+    console.print(f"report: {result['report']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- clip
 
 
@@ -359,6 +402,11 @@ def _commands() -> list[Command]:
 
         return AdaptTextConfig
 
+    def supervised_config():
+        from flows.supervised import SupervisedConfig
+
+        return SupervisedConfig
+
     def clip_config():
         from flows.adapt_clip import ClipConfig
 
@@ -377,6 +425,8 @@ def _commands() -> list[Command]:
                  "teacher margins, MarginMSE), evaluate before/after and promote if better", text_config, _text),
         ("evaluate", "retrieval metrics (nDCG@10, MRR@10, MAP, Recall, P@10, Hit@10, R-precision) "
                      "of models and BM25 on a BEIR folder", evaluate_config, _evaluate),
+        ("supervised", "fine-tune an embedding model from labelled pairs, label groups or (query, positive) "
+                       "rows, optionally with a hyper-parameter search (--search N)", supervised_config, _supervised),
         ("clip", "adapt an image/text model to a product catalog from its own images and texts (no labels): "
                  "text queries find product images", clip_config, _clip),
     ]
