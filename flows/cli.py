@@ -418,9 +418,6 @@ def _commands() -> list[Command]:
         return RefreshConfig
 
     return [
-        ("refresh", "incremental adaptation of a catalog's text retriever: only new and changed products get "
-                    "queries and labels; promote if better; keep the search index in step (the nightly job)",
-         refresh_config, _refresh),
         ("text", "adapt a bi-encoder to a corpus with no labels (GPL: generated queries, mined negatives, "
                  "teacher margins, MarginMSE), evaluate before/after and promote if better", text_config, _text),
         ("evaluate", "retrieval metrics (nDCG@10, MRR@10, MAP, Recall, P@10, Hit@10, R-precision) "
@@ -429,6 +426,9 @@ def _commands() -> list[Command]:
                        "rows, optionally with a hyper-parameter search (--search N)", supervised_config, _supervised),
         ("clip", "adapt an image/text model to a product catalog from its own images and texts (no labels): "
                  "text queries find product images", clip_config, _clip),
+        ("refresh", "incremental adaptation of a catalog's text retriever: only new and changed products get "
+                    "queries and labels; promote if better; keep the search index in step (the nightly job)",
+         refresh_config, _refresh),
     ]
 
 
