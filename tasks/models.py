@@ -152,6 +152,13 @@ def _check_model_dir(path: Path, name: str) -> Path:
     return path
 
 
+# What the registry and the search keep next to a model: not part of the model, so a registered
+# copy (with its card, search index, ONNX export) has the fingerprint of the directory it was
+# trained into, and cached embeddings under that fingerprint are reused.
+_NOT_MODEL_FILES = frozenset({"card.json"})
+_NOT_MODEL_DIRS = frozenset({"index", "image-index", "onnx"})
+
+
 @cache
 def _fingerprint_cached(path: str, stamp: tuple) -> str:
     digest = hashlib.sha256()
@@ -159,6 +166,8 @@ def _fingerprint_cached(path: str, stamp: tuple) -> str:
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = file.relative_to(root).as_posix()
         if rel.startswith(".") or "/." in rel or file.suffix in {".lock", ".md"}:
+            continue
+        if rel in _NOT_MODEL_FILES or rel.split("/", 1)[0] in _NOT_MODEL_DIRS:
             continue
         digest.update(rel.encode())
         with file.open("rb") as handle:

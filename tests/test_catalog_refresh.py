@@ -87,6 +87,8 @@ def test_refresh_runs_incrementally(prefect_harness, tmp_path, catalog, tiny_bi_
     third = _last_report(workspace)
     assert third["changes"] == {"new": 3, "changed": 2, "removed": 2, "unchanged": 116}
     assert third["recomputed_unchanged"] == 0 and third["queries_generated_for"] == 5
+    # the serving model's index embeddings are reused: only new and changed products are encoded
+    assert third["unchanged_first_encoded"] == 0 and third["encoded"] == 5
     new_stage = (set(store.keys("queries")) - query_stages).pop()
     generated_for = set(store.read_pandas("queries", new_stage)["doc_id"])
     assert generated_for <= {"90000", "90001", "90002", edited[0]["id"], edited[1]["id"]}
@@ -135,3 +137,34 @@ def test_refresh_refuses_bad_catalog_rows(tmp_path, catalog, capsys):
     assert main(["refresh", "--catalog", str(path), "--workspace", str(tmp_path / "ws")]) == 2
     out = capsys.readouterr().out
     assert "dup.csv" in out and "duplicate product id" in out
+
+
+def test_a_crash_before_promotion_leaves_the_previous_model_serving(prefect_harness, tmp_path, catalog,
+                                                                    tiny_bi_encoder, monkeypatch):
+    workspace = tmp_path / "ws"
+    path = _write_catalog(catalog[:60], tmp_path / "styles.csv")
+    assert _refresh(path, workspace, tiny_bi_encoder) == 0
+    registry = Registry(workspace)
+    serving = registry.current("catalog-text")
+    state_file = workspace / "refresh" / "catalog-text" / "state.json"
+    state = state_file.read_text()
+
+    _write_catalog(catalog[:70], path)  # 10 new products
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut between training and promotion")
+
+    monkeypatch.setattr(Registry, "promote_if_better", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        _refresh(path, workspace, tiny_bi_encoder)
+    assert registry.current("catalog-text") == serving  # the previous version still serves
+    assert state_file.read_text() == state  # the snapshot was not advanced
+    store = Store(workspace)
+    stages_after_crash = {stage: set(store.keys(stage)) for stage in ("queries", "negatives", "labels")}
+
+    monkeypatch.undo()
+    assert _refresh(path, workspace, tiny_bi_encoder) == 0
+    report = _last_report(workspace)
+    assert report["changes"]["new"] == 10
+    # the rerun redid the same delta from the store: no new query, negative or label stage
+    assert {stage: set(store.keys(stage)) for stage in stages_after_crash} == stages_after_crash
+    assert json.loads(state_file.read_text())["runs"] == 2

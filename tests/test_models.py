@@ -24,6 +24,11 @@ def test_fingerprint_is_stable_and_follows_the_weights(tiny_bi_encoder, tmp_path
     copy = tmp_path / "copy"
     shutil.copytree(tiny_bi_encoder, copy)
     assert resolve_model(str(copy)).fingerprint == resolve_model(str(tiny_bi_encoder)).fingerprint
+    # what the registry and search add next to a model (card, index, ONNX export) is not the model
+    (copy / "card.json").write_text("{}")
+    (copy / "index").mkdir()
+    (copy / "index" / "index.faiss").write_bytes(b"x")
+    assert resolve_model(str(copy)).fingerprint == resolve_model(str(tiny_bi_encoder)).fingerprint
     weights = copy / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
