@@ -132,11 +132,24 @@ def _run_with_progress(console, label: str, function, *args):
         return function(*args)
 
 
+def _before_after(title: str, before: dict, after: dict):
+    """A table of metrics before and after, with the change."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric", style="bold")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for name, value in after.items():
+        table.add_row(name, f"{before[name]:.4f}", f"{value:.4f}", f"{value - before[name]:+.4f}")
+    return table
+
+
 # ----------------------------------------------------------------------------------- supervised
 
 
 def _supervised(args: argparse.Namespace) -> int:
-    from rich.table import Table
 
     from flows.supervised import SupervisedConfig, supervised_flow
     from tasks.corpus import read_labelled
@@ -161,15 +174,8 @@ def _supervised(args: argparse.Namespace) -> int:
                   f"{config.eval or f'{config.eval_fraction:.0%} carved off, no shared text'}"
                   + (f"; search: {config.search} trials" if config.search else ""))
     result = supervised_flow(config)
-    table = Table(title=f"Supervised fine-tuning: {config.name} {result['version']} ({result['loss']})")
-    table.add_column("metric", style="bold")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
-    for metric, before in result["metrics_before"].items():
-        after = result["metrics_after"][metric]
-        table.add_row(metric, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
-    console.print(table)
+    console.print(_before_after(f"Supervised fine-tuning: {config.name} {result['version']} ({result['loss']})",
+                                result["metrics_before"], result["metrics_after"]))
     console.print(result["decision"])
     console.print(f"report: {result['report']}")
     return 0
@@ -179,7 +185,6 @@ def _supervised(args: argparse.Namespace) -> int:
 
 
 def _clip(args: argparse.Namespace) -> int:
-    from rich.table import Table
 
     from flows.adapt_clip import ClipConfig, adapt_clip_flow
     from tasks.image_text import model_kind
@@ -196,15 +201,8 @@ def _clip(args: argparse.Namespace) -> int:
             "clip": "CLIP fine-tuning (continued)", "lit": "locked-text encoder (training continues)"}[kind]
     console.print(f"[bold]{config.catalog}[/bold]: adapting {config.model} ({what})")
     result = adapt_clip_flow(config)
-    table = Table(title=f"Held-out products of {config.catalog}")
-    table.add_column("metric", style="bold")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
-    for name, after in result["metrics_after"].items():
-        before = result["metrics_before"][name]
-        table.add_row(name, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
-    console.print(table)
+    console.print(_before_after(f"Held-out products of {config.catalog}", result["metrics_before"],
+                                result["metrics_after"]))
     if result["left_out"]:
         console.print(f"[yellow]{len(result['left_out'])} product(s) left out[/yellow] (listed in the report)")
     console.print(f"model: {result['model_dir']}\nregistry: {result['version']}: {result['promotion']}\n"
