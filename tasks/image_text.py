@@ -125,14 +125,9 @@ class LitEncoder:
     def encode_text(
         self, texts: Sequence[str], *, batch_size: int = 128, show_progress: bool = False
     ) -> np.ndarray:
-        embeddings = self.text_model.encode(
-            list(texts),
-            batch_size=batch_size,
-            show_progress_bar=show_progress,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-        )
-        return np.ascontiguousarray(embeddings, dtype=np.float32)
+        from tasks.evaluate import encode_texts
+
+        return encode_texts(self.text_model, texts, batch_size=batch_size, show_progress=show_progress)
 
     def encode_images(self, images: Any, *, batch_size: int = 256, show_progress: bool = False) -> np.ndarray:
         import torch

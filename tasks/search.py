@@ -52,8 +52,6 @@ def corpus_of(card: dict[str, Any]) -> str | None:
 def build_index(model: Any, corpus: Any, folder: str | Path, *, batch_size: int = 64,
                 max_seq_length: int = 256, cache: Any = None) -> Path:
     """Encode ``corpus`` with ``model`` and save the index into ``folder`` (atomically replaced)."""
-    import faiss
-
     from tasks.evaluate import encode_texts
 
     folder = Path(folder)
@@ -63,6 +61,19 @@ def build_index(model: Any, corpus: Any, folder: str | Path, *, batch_size: int 
     else:
         model.max_seq_length = max_seq_length
         vectors = encode_texts(model, texts, batch_size=batch_size, show_progress=False, desc="indexing")
+    docs = corpus.docs
+    return save_index(folder, vectors, pa.table({
+        "doc_id": docs["doc_id"].tolist(),
+        "title": [t or "" for t in docs["title"].tolist()],
+        "snippet": [(x or "")[:200] for x in docs["text"].tolist()],
+    }), {"corpus": str(corpus.source), "corpus_key": corpus.key, "documents": len(corpus),
+         "dimension": int(vectors.shape[1]), "max_seq_length": max_seq_length})
+
+
+def save_index(folder: Path, vectors: np.ndarray, docs: pa.Table, meta: dict[str, Any]) -> Path:
+    """Write an exact inner-product index with its rows and meta into ``folder``, replacing it atomically."""
+    import faiss
+
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
@@ -70,15 +81,8 @@ def build_index(model: Any, corpus: Any, folder: str | Path, *, batch_size: int 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     faiss.write_index(index, str(staging / "index.faiss"))
-    docs = corpus.docs
-    pq.write_table(pa.table({
-        "doc_id": docs["doc_id"].tolist(),
-        "title": [t or "" for t in docs["title"].tolist()],
-        "snippet": [(x or "")[:200] for x in docs["text"].tolist()],
-    }), staging / "docs.parquet")
-    write_json_atomic(staging / "meta.json", {"corpus": str(corpus.source), "corpus_key": corpus.key,
-                                              "documents": len(corpus), "dimension": int(vectors.shape[1]),
-                                              "max_seq_length": max_seq_length})
+    pq.write_table(docs, staging / "docs.parquet")
+    write_json_atomic(staging / "meta.json", meta)
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
@@ -187,26 +191,15 @@ class ImageSearcher:
         self.docs = pq.read_table(self.index_dir / "docs.parquet").to_pylist()
 
     def _build(self, catalog: Any) -> None:
-        import faiss
-
         vectors = []
         images = catalog.docs["image"].tolist()
         for start in range(0, len(images), 1024):  # decode a slice at a time: bounded memory
             vectors.append(self.encoder.encode_images(images[start:start + 1024], batch_size=self.batch_size))
-        matrix = np.ascontiguousarray(np.concatenate(vectors), dtype=np.float32)
-        index = faiss.IndexFlatIP(matrix.shape[1])
-        index.add(matrix)
-        staging = self.index_dir.with_name(f".{self.index_dir.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        faiss.write_index(index, str(staging / "index.faiss"))
         docs = catalog.docs
-        pq.write_table(pa.table({"doc_id": docs["doc_id"].tolist(), "title": docs["title"].fillna("").tolist(),
-                                 "image": docs["image"].tolist()}), staging / "docs.parquet")
-        write_json_atomic(staging / "meta.json", {"corpus": str(catalog.source), "corpus_key": catalog.key,
-                                                  "images": len(docs)})
-        shutil.rmtree(self.index_dir, ignore_errors=True)
-        staging.rename(self.index_dir)
+        save_index(self.index_dir, np.concatenate(vectors),
+                   pa.table({"doc_id": docs["doc_id"].tolist(), "title": docs["title"].fillna("").tolist(),
+                             "image": docs["image"].tolist()}),
+                   {"corpus": str(catalog.source), "corpus_key": catalog.key, "images": len(docs)})
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
         """The k product images closest to the text query, best first (``snippet`` is the image path)."""
