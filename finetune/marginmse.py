@@ -300,3 +300,98 @@ def _fit_scale(model: Any, rows: TrainingRows, indices: list[int],
             student_parts.append(queries[k] @ positives[k] - negs @ queries[k])
         student = np.concatenate(student_parts)
     return fit_label_scale(student, teacher)
+
+
+def train_query_side(
+    base_model: Any,
+    rows: TrainingRows,
+    document_vectors: Callable[[Sequence[str]], np.ndarray],
+    config: TrainConfig,
+    output_dir: str | Path,
+    *,
+    student_margins: Callable[[TrainingRows, list[int]], np.ndarray] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """MarginMSE on the query side only: passages keep their (cached) embeddings from the document
+    encoder, so the document index stays valid and a step encodes only its queries.
+
+    ``document_vectors(texts)`` returns the fixed unit-length passage embeddings. Written by hand
+    because sentence-transformers' losses embed every column with the model being trained; here the
+    passages are constants (about 1/6 of the encoder work of a full MarginMSE step, no re-indexing).
+    Short by design (a nightly delta), so it keeps no checkpoints: a crashed run starts over from the
+    stored labels. Returns the same :class:`TrainResult` as :func:`train_marginmse`.
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from torch.nn import functional as F
+    from transformers import get_linear_schedule_with_warmup
+
+    from tasks.models import load_sentence_transformer
+
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 training rows, got {len(rows)}")
+    output_dir = Path(output_dir)
+    final_dir = output_dir / "model"
+    done = output_dir / "result.json"
+    if done.is_file() and final_dir.is_dir():
+        saved = json.loads(done.read_text())
+        log.info("training already finished in %s; reusing it", output_dir)
+        return TrainResult(**{**saved, "model_dir": final_dir})
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(rows)).tolist()
+    model = base_model if isinstance(base_model, SentenceTransformer) else load_sentence_transformer(base_model)
+    model.max_seq_length = config.max_seq_length
+    scale = config.label_scale or _fit_scale(model, rows, order, student_margins, rng)
+    width = config.negatives_per_query
+    # fixed passage vectors and scaled teacher margins, one row per query (negatives cycled to `width`)
+    positives = np.asarray(document_vectors(rows.positives), dtype=np.float32)
+    negatives = np.stack([np.asarray(document_vectors([n[j % len(n)] for j in range(width)]), dtype=np.float32)
+                          for n in rows.negatives])
+    margins = np.asarray([[m[j % len(m)] * scale for j in range(width)] for m in rows.margins], dtype=np.float32)
+
+    steps_per_epoch = max(1, math.ceil(len(rows) / config.batch_size))
+    max_steps = config.max_steps or max(1, int(round(steps_per_epoch * config.epochs)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(round(config.warmup_ratio * max_steps)), max_steps)
+    budget = (config.time_budget_minutes or math.inf) * 60.0
+    history: list[dict[str, float]] = []
+    model.train()
+    start = time.time()
+    step, stopped, epoch_order = 0, None, order
+    while step < max_steps:
+        if step and step % steps_per_epoch == 0:
+            epoch_order = rng.permutation(len(rows)).tolist()
+        first = (step % steps_per_epoch) * config.batch_size
+        batch = epoch_order[first:first + config.batch_size]
+        features = model.tokenize([rows.queries[i] for i in batch])
+        query = F.normalize(model(dict(features))["sentence_embedding"], dim=-1)
+        pos = torch.from_numpy(positives[batch])
+        neg = torch.from_numpy(negatives[batch])
+        student = (query * pos).sum(-1, keepdim=True) - torch.einsum("bd,bkd->bk", query, neg)
+        loss = F.mse_loss(student, torch.from_numpy(margins[batch]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        if step % config.logging_steps == 0 or step == max_steps:
+            history.append({"loss": float(loss.detach()), "step": float(step),
+                            "learning_rate": float(schedule.get_last_lr()[0])})
+        if progress:
+            progress(step, max_steps)
+        if time.time() - start > budget and step < max_steps:
+            stopped = "time budget"
+            break
+    model.eval()
+    seconds = time.time() - start
+    staging = output_dir / ".model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save(str(staging))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    staging.rename(final_dir)
+    result = TrainResult(model_dir=final_dir, steps=step, seconds=round(seconds, 1), label_scale=scale,
+                         train_rows=len(rows), eval_rows=0, resumed_from=None, stopped_early=stopped,
+                         history=history)
+    write_json_atomic(done, {**asdict(result), "model_dir": str(final_dir)})
+    return result

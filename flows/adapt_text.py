@@ -133,6 +133,15 @@ def train_task(model_name: str, base_path: str, rows, config: TrainConfig, outpu
                            progress=_progress(logger, "training steps"))
 
 
+@task(name="train-query-side", task_run_name="train the query side of {base_path}")
+def query_side_train_task(base_path: str, rows, doc_cache, config: TrainConfig, output_dir: str, student_margins=None):
+    from finetune.marginmse import train_query_side
+
+    logger = get_run_logger()
+    return train_query_side(base_path, rows, lambda texts: doc_cache.embed(list(texts)), config, output_dir,
+                            student_margins=student_margins, progress=_progress(logger, "training steps"))
+
+
 # --------------------------------------------------------------------------------------- flow
 
 
@@ -276,23 +285,28 @@ def _training_rows(labels, queries, corpus):
     return rows
 
 
-def _cached_margins(cache, rows):
-    """Initial student margins from the embedding cache (the start model is the student)."""
+def _cached_margins(cache, rows, doc_cache=None):
+    """Initial student margins from the embedding cache (the start model is the student; passages from
+    ``doc_cache`` when the student keeps another model's document embeddings)."""
+    doc_cache = doc_cache or cache
+
     def margins(rows_, indices):
         out = []
         for i in indices:
-            q, p = cache.embed([rows_.queries[i], rows_.positives[i]])
-            negs = cache.embed(rows_.negatives[i])
+            q = cache.embed([rows_.queries[i]])[0]
+            p = doc_cache.embed([rows_.positives[i]])[0]
+            negs = doc_cache.embed(rows_.negatives[i])
             out.append(q @ p - negs @ q)
         return np.concatenate(out)
     return margins
 
 
-def _evaluate(cache, data, system: str):
+def _evaluate(cache, data, system: str, doc_cache=None):
+    """Queries through ``cache``, documents through ``doc_cache`` (default: the same model)."""
     from tasks.evaluate import exact_index, report_from_run, search_index
 
     start = time.time()
-    doc_vectors = cache.embed(data.corpus.texts(), desc="encoding corpus for evaluation")
+    doc_vectors = (doc_cache or cache).embed(data.corpus.texts(), desc="encoding corpus for evaluation")
     query_vectors = cache.embed(data.queries["text"].tolist(), desc="encoding evaluation queries")
     run = search_index(exact_index(doc_vectors), data.corpus.ids, data.queries["query_id"].tolist(), query_vectors,
                        top_k=100)

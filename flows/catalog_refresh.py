@@ -9,7 +9,15 @@ Each run compares the catalog with the snapshot of the last finished run by cont
 
 The student continues from the registry's current version, trains on the new labels plus a replay
 sample of earlier ones, and is promoted only if it beats the current version on held-out queries
-(generated from a fixed hash-chosen slice of the products that is never trained on). A run with no
+(generated from a fixed hash-chosen slice of the products that is never trained on).
+
+What it trains: the first run (nothing adapted serves yet) fine-tunes both towers, i.e. the whole
+bi-encoder, and indexes the catalog with it. Later refreshes (``refresh_towers="query"``, the
+default) adapt only the query side: the passages keep the serving version's document embeddings
+(from the cache), so neither training, evaluation nor the index needs the catalog encoded again, and
+a refresh costs in proportion to the change, not to the catalog. Such a version's card names its
+``document_model``; search encodes documents with it. Once ``full_retrain_share`` of the catalog
+has been added or changed since the document encoder was trained, a refresh trains both towers again. A run with no
 change does no model work and says so. The whole run holds a lock: a second refresh of the same
 model waits, then fails cleanly. The snapshot is written last, so a crash leaves the previous one
 and the next run redoes the same delta from the store.
@@ -21,13 +29,21 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.marginmse import TrainConfig
-from flows.adapt_text import Stopwatch, _cached_margins, _evaluate, _progress, _training_rows, train_task
+from flows.adapt_text import (
+    Stopwatch,
+    _cached_margins,
+    _evaluate,
+    _progress,
+    _training_rows,
+    query_side_train_task,
+    train_task,
+)
 from flows.evaluate import DEFAULT_WORKSPACE
 from tasks.corpus import read_products
 from tasks.label import LabelConfig
@@ -54,6 +70,14 @@ class RefreshConfig(BaseModel):
                                                         "mixed in per new one, so the model does not forget them; "
                                                         "it keeps a refresh's cost proportional to the change")
     max_seq_length: int = Field(128, ge=8, le=8192, description="tokens per product text (index, mining, evaluation)")
+    refresh_towers: Literal["query", "both"] = Field(
+        "query", description="what a refresh trains once an adapted version serves: 'query' adapts only the "
+                             "query side against the catalog embeddings of the serving version's document encoder "
+                             "(they stay valid, so nothing is re-encoded: a refresh costs little); 'both' "
+                             "fine-tunes the whole model (the catalog is encoded again to evaluate and index it)")
+    full_retrain_share: float = Field(0.1, ge=0, le=1, description="with refresh-towers 'query': once this share "
+                                      "of the catalog has been added or changed since the document encoder was "
+                                      "trained, the next refresh trains both towers")
     promote_min_delta: float = Field(0.0, ge=0, description="promote only when nDCG@10 improves by more than this")
     lock_timeout_seconds: float = Field(1800.0, ge=0, description="how long a second refresh waits for a running one")
     seed: int = Field(13, description="random seed")
@@ -129,10 +153,16 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
         return {**summary, "changed": False, "trained": False, "message": "no change since the last refresh",
                 "stages": watch.stages, "total_seconds": watch.total()}
 
+    card = registry.card(config.model_name, current) if current else {}
     start_name = str(registry.path(config.model_name, current)) if current else config.base_model
     start = resolve_model(start_name)
-    encoder = load_sentence_transformer(start)
-    cache = EmbeddingCache(config.workspace, encoder, start.fingerprint, max_seq_length=config.max_seq_length)
+    # the catalog's embeddings (index, mining, teacher) come from the serving version's document encoder:
+    # the version itself, or for a query-side refresh the version whose document side it kept
+    documents = resolve_model(card.get("document_model") or start_name)
+    encoder = load_sentence_transformer(documents)
+    cache = EmbeddingCache(config.workspace, encoder, documents.fingerprint, max_seq_length=config.max_seq_length)
+    query_cache = cache if documents.fingerprint == start.fingerprint else EmbeddingCache(
+        config.workspace, load_sentence_transformer(start), start.fingerprint, max_seq_length=config.max_seq_length)
     unchanged = set(diff["unchanged"])
     # unchanged products this model has not encoded yet (it was promoted without an index, or is new)
     summary["unchanged_first_encoded"] = sum(1 for d, t in zip(catalog.ids, catalog.texts(), strict=True)
@@ -154,7 +184,7 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
         # --- only the new and changed products get queries, negatives and labels
         generator_fp = [] if config.qgen.generator == OFFLINE else [resolve_model(config.qgen.generator).fingerprint]
         qgen_key = stage_key("queries", config.qgen.model_dump(mode="json"), inputs=[delta.key],
-                             models=[start.fingerprint, *generator_fp])
+                             models=[documents.fingerprint, *generator_fp])
         queries_ref = watch.run("generate queries", len(delta), generate_queries, delta, config.qgen, store,
                                 key=qgen_key, rank_of_source=rank_of_source if config.qgen.consistency_top_k else None,
                                 progress=_progress(logger, "query generation (parts)"))
@@ -170,7 +200,7 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
             if config.label.teacher == OFFLINE:
                 labeller, teacher_fp = teacher, stage_key("offline-teacher", {
                     "w": config.label.bm25_weight, "pool": config.label.pool, "catalog": catalog.key},
-                    models=[start.fingerprint])
+                    models=[documents.fingerprint])
             else:
                 labeller = CrossEncoderTeacher(config.label.teacher, batch_size=config.label.batch_size,
                                                max_length=config.label.max_length)
@@ -208,6 +238,12 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
         heldout = heldout.sample(n=config.max_heldout_queries, random_state=config.seed)
 
     result = decision = version = None
+    # query side only while the document encoder is an adapted one and the catalog has not drifted far from it
+    # products added or changed since each document encoder was trained (keyed by its fingerprint)
+    since_full = int(state.get("changed_since", {}).get(documents.fingerprint, 0)) + len(delta_ids)
+    changed_since = {documents.fingerprint: since_full}
+    towers = "query" if (config.refresh_towers == "query" and card.get("labels_key")
+                         and since_full < config.full_retrain_share * len(catalog)) else "both"
     if delta_ids and all_labels and all_labels[-1][0] == len(stages) - 1 and len(heldout) > 0:
         new_labels = all_labels[-1][1]
         old = [labels for number, labels in all_labels[:-1]]
@@ -222,28 +258,46 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
         labels = pd.concat([new_labels, replay], ignore_index=True)
         rows = _training_rows(labels, queries_all, catalog)
         if len(rows) >= 2:
-            train_key = stage_key("train", {**config.train.model_dump(mode="json"), "replay": config.replay_ratio},
-                                  inputs=[s["labels"] for s in stages if s["labels"]], models=[start.fingerprint])
-            result = watch.run("train", len(rows), train_task, config.model_name, str(start.path), rows, config.train,
-                               str(config.workspace / "train" / train_key), student_margins=_cached_margins(cache, rows))
+            train_key = stage_key("train", {**config.train.model_dump(mode="json"), "replay": config.replay_ratio,
+                                            "towers": towers},
+                                  inputs=[s["labels"] for s in stages if s["labels"]],
+                                  models=[start.fingerprint, documents.fingerprint])
+            output = str(config.workspace / "train" / train_key)
+            logger.info("training %s (%d rows)", "the query side only" if towers == "query" else "both towers",
+                        len(rows))
+            if towers == "query":
+                result = watch.run("train", len(rows), query_side_train_task, str(start.path), rows, cache,
+                                   config.train, output, student_margins=_cached_margins(query_cache, rows, cache))
+            else:
+                result = watch.run("train", len(rows), train_task, config.model_name, str(start.path), rows,
+                                   config.train, output, student_margins=_cached_margins(query_cache, rows))
             trained = True
 
     if trained:
         qrels = {q: {d: 1} for q, d in zip(heldout["query_id"], heldout["doc_id"], strict=True)}
         eval_data = BeirData(catalog, heldout[["query_id", "text"]].reset_index(drop=True), qrels, "held-out",
                              "generated")
-        before = watch.run("evaluate before", len(heldout), _evaluate, cache, eval_data,
-                           f"before: {current or config.base_model}")
+        before = watch.run("evaluate before", len(heldout), _evaluate, query_cache, eval_data,
+                           f"before: {current or config.base_model}", doc_cache=cache)
         model = load_sentence_transformer(str(result.model_dir))
-        after_cache = EmbeddingCache(config.workspace, model, resolve_model(str(result.model_dir)).fingerprint,
+        trained_fingerprint = resolve_model(str(result.model_dir)).fingerprint
+        after_cache = EmbeddingCache(config.workspace, model, trained_fingerprint,
                                      max_seq_length=config.max_seq_length)
-        after = watch.run("evaluate after", len(heldout), _evaluate, after_cache, eval_data, "after: refreshed")
+        if towers == "both":  # a new document encoder: nothing has changed since it was trained
+            changed_since[trained_fingerprint] = 0
+        # a query-side model searches the same catalog embeddings: only its queries are encoded
+        after_docs = cache if towers == "query" else after_cache
+        after = watch.run("evaluate after", len(heldout), _evaluate, after_cache, eval_data, "after: refreshed",
+                          doc_cache=after_docs)
         version = registry.register(config.model_name, result.model_dir, {
             "base_model": config.base_model, "parent_version": current, "start_model": start_name,
             "corpus": str(config.catalog), "data_key": catalog.key, "labels_key": stages[-1]["labels"],
             "config": json.loads(config.model_dump_json()), "metrics_before": before.metrics,
             "metrics_after": after.metrics, "kind": "sentence-transformer",
             "eval_set": f"held-out generated queries ({len(heldout)}) of {config.heldout_percent}% of the products",
+            "towers": towers,
+            **({"document_model": str(documents.path), "document_fingerprint": documents.fingerprint}
+               if towers == "query" else {}),
         })
         decision = registry.promote_if_better(config.model_name, version, new_score=after.primary,
                                               current_score=before.primary, metric="nDCG@10",
@@ -251,10 +305,11 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
         logger.info("%s %s: %s", config.model_name, version, decision.reason)
         summary.update({"ndcg@10_before": before.primary, "ndcg@10_after": after.primary, "version": version,
                         "promoted": decision.promoted, "decision": decision.reason,
-                        "train": {"steps": result.steps, "seconds": result.seconds, "rows": len(rows)}})
+                        "train": {"steps": result.steps, "seconds": result.seconds, "rows": len(rows),
+                                  "towers": towers}})
         if decision.promoted:
-            watch.run("search index", len(catalog), build_index, model, catalog,
-                      registry.path(config.model_name, version) / INDEX_DIR, cache=after_cache,
+            watch.run("search index", len(catalog), build_index, after_docs.model, catalog,
+                      registry.path(config.model_name, version) / INDEX_DIR, cache=after_docs,
                       max_seq_length=config.max_seq_length)
     if registry.current(config.model_name) is None:
         # nothing better than the base model yet (or too little data to train): serve the base model so
@@ -268,16 +323,18 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
     index_dir = registry.path(config.model_name, serving) / INDEX_DIR
     meta = json.loads((index_dir / "meta.json").read_text()) if (index_dir / "meta.json").is_file() else {}
     if meta.get("corpus_key") != catalog.key:  # removed or new products: the live index follows the catalog
-        serving_cache = cache if serving == current else EmbeddingCache(
-            config.workspace, load_sentence_transformer(str(registry.path(config.model_name, serving))),
-            resolve_model(str(registry.path(config.model_name, serving))).fingerprint,
+        serving_docs = resolve_model(registry.card(config.model_name, serving).get("document_model")
+                                     or str(registry.path(config.model_name, serving)))
+        serving_cache = cache if serving_docs.fingerprint == documents.fingerprint else EmbeddingCache(
+            config.workspace, load_sentence_transformer(serving_docs), serving_docs.fingerprint,
             max_seq_length=config.max_seq_length)
         watch.run("search index", len(catalog), build_index, serving_cache.model, catalog, index_dir,
                   cache=serving_cache, max_seq_length=config.max_seq_length)
 
     # the snapshot goes last: a crash before here leaves the previous one, and the rerun redoes this delta
     write_json_atomic(state_file, {"snapshot": dict(zip(catalog.ids, catalog.docs["content_hash"], strict=True)),
-                                   "stages": stages, "runs": state["runs"] + 1, "catalog_key": catalog.key})
+                                   "stages": stages, "runs": state["runs"] + 1, "catalog_key": catalog.key,
+                                   "changed_since": changed_since})
     summary.update({"changed": True, "trained": trained, "serving": serving, "stages": watch.stages,
                     "total_seconds": watch.total(), "queries_generated_for": len(delta_ids)})
     report = config.workspace / "reports" / f"catalog-refresh-{time.strftime('%Y%m%d-%H%M%S')}.json"

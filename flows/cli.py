@@ -381,6 +381,10 @@ def _export(args: argparse.Namespace) -> int:
             table.add_row(f"ONNX {variant}", row["file"], f"{row['size_mb']:.1f}", f"{row['texts_per_second']:.0f}",
                           f"{row['min_cosine']:.4f}")
     _console().print(table)
+    documents = registry.card(args.model_name, source.name).get("document_model")
+    if documents:
+        _console().print(f"{source.name} adapted only its query side: documents are encoded by {documents} "
+                         f"(export it too: adapt export --onnx --version {Path(documents).name})")
     return 0
 
 

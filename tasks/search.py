@@ -106,6 +106,9 @@ class Searcher:
         self.model_dir = self.registry.path(name, self.version)
         self.card = self.registry.card(name, self.version)
         self.model = load_sentence_transformer(str(self.model_dir))
+        # a query-side refresh keeps the document side of an earlier version: documents go through that one
+        document_model = self.card.get("document_model")
+        self.document_model = load_sentence_transformer(document_model) if document_model else self.model
         self.index_dir = self.model_dir / INDEX_DIR
         self._load(corpus)
 
@@ -123,17 +126,25 @@ class Searcher:
         corpus = None if (meta is not None and not corpus_path and not Path(source).exists()) else read_products(source)
         if meta is None or (corpus is not None and corpus.key != meta["corpus_key"]):
             log.info("building the search index of %s %s over %s", self.name, self.version, source)
-            build_index(self.model, corpus, self.index_dir)
+            build_index(self.document_model, corpus, self.index_dir)
         self.index = faiss.read_index(str(self.index_dir / "index.faiss"))
         self.docs = pq.read_table(self.index_dir / "docs.parquet").to_pylist()
         self.meta = json.loads(meta_file.read_text())
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-length embeddings of texts under the current model."""
+        """Unit-length query embeddings under the current model."""
         from tasks.evaluate import encode_texts
 
         self.model.max_seq_length = self.meta.get("max_seq_length", 256)
         return encode_texts(self.model, list(texts), batch_size=64, show_progress=False)
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length document embeddings, as the index holds them (the same model unless the version
+        adapted only its query side)."""
+        from tasks.evaluate import encode_texts
+
+        self.document_model.max_seq_length = self.meta.get("max_seq_length", 256)
+        return encode_texts(self.document_model, list(texts), batch_size=64, show_progress=False)
 
     def search(self, query: str, k: int = 10) -> list[Hit]:
         """The k documents closest to the query, best first."""

@@ -336,6 +336,41 @@ def test_marginmse_training_resumes_after_a_crash(tmp_path, small_corpus, tiny_b
     assert again.steps == 4 and again.model_dir == result.model_dir
 
 
+def test_query_side_training_fits_the_margins_against_fixed_passages(tmp_path, small_corpus, tiny_bi_encoder):
+    from finetune.marginmse import TrainConfig, train_query_side
+    from tasks.models import load_sentence_transformer
+
+    rows = _rows(small_corpus)
+    base = load_sentence_transformer(str(tiny_bi_encoder))
+    base.max_seq_length = 32
+    fixed = {t: v for t, v in zip(small_corpus.texts(), base.encode(small_corpus.texts(), normalize_embeddings=True),
+                                  strict=True)}
+    asked = []
+
+    def passages(texts):
+        asked.extend(texts)
+        return np.stack([fixed[t] for t in texts])
+
+    def mse(model):
+        q = model.encode(rows.queries, normalize_embeddings=True)
+        pos, negs = passages(rows.positives), [passages(n[:2]) for n in rows.negatives]
+        student = np.stack([q[i] @ pos[i] - negs[i] @ q[i] for i in range(len(rows))])
+        return float(((student - 0.02 * np.asarray(rows.margins)[:, :2]) ** 2).mean())
+
+    config = TrainConfig(max_steps=30, batch_size=8, negatives_per_query=2, max_seq_length=32, learning_rate=3e-3,
+                         label_scale=0.02, warmup_ratio=0.0)
+    before = mse(base)
+    result = train_query_side(str(tiny_bi_encoder), rows, passages, config, tmp_path / "run")
+    trained = load_sentence_transformer(str(result.model_dir))
+    trained.max_seq_length = 32
+    assert result.steps == 30 and mse(trained) < 0.5 * before  # it learned the teacher's margins
+    # passages only ever came from the fixed vectors: no passage was encoded by the student
+    assert set(asked) <= set(fixed)
+    again = train_query_side(str(tiny_bi_encoder), rows, lambda t: pytest.fail("done: no work"), config,
+                             tmp_path / "run")
+    assert again.model_dir == result.model_dir
+
+
 def test_label_scale_is_the_least_squares_slope():
     from finetune.marginmse import fit_label_scale
 

@@ -168,3 +168,55 @@ def test_a_crash_before_promotion_leaves_the_previous_model_serving(prefect_harn
     # the rerun redid the same delta from the store: no new query, negative or label stage
     assert {stage: set(store.keys(stage)) for stage in stages_after_crash} == stages_after_crash
     assert json.loads(state_file.read_text())["runs"] == 2
+
+
+def test_a_refresh_adapts_only_the_query_side_and_keeps_the_catalog_embeddings(prefect_harness, tmp_path, catalog,
+                                                                               tiny_bi_encoder):
+    from tasks.embeddings import text_hash
+    from tasks.search import Searcher
+
+    workspace = tmp_path / "ws"
+    path = _write_catalog(catalog[:60], tmp_path / "styles.csv")
+    assert _refresh(path, workspace, tiny_bi_encoder) == 0
+    registry = Registry(workspace)
+    adapted = [v for v in registry.versions("catalog-text") if registry.card("catalog-text", v).get("labels_key")]
+    assert adapted, "the full run registers its trained model"
+    registry.promote("catalog-text", adapted[-1], reason="test: serve the adapted model")
+    full_model = registry.path("catalog-text", adapted[-1])
+    caches = set((workspace / "cache" / "embeddings").iterdir())
+
+    rows = [dict(r) for r in catalog[:70]]  # 10 new products, 1 changed
+    rows[5]["productDisplayName"] += " limited edition"
+    _write_catalog(rows, path)
+    assert _refresh(path, workspace, tiny_bi_encoder, "--full-retrain-share", "0.5") == 0  # 11 of 70 changed
+    report = _last_report(workspace)
+    assert report["trained"] and report["train"]["towers"] == "query"
+    card = registry.card("catalog-text", report["version"])
+    assert card["towers"] == "query" and card["document_model"] == str(full_model)
+    # the new model encoded held-out queries only: no catalog text went through it
+    new_caches = set((workspace / "cache" / "embeddings").iterdir()) - caches
+    assert len(new_caches) == 1
+    encoded = {h for part in new_caches.pop().glob("part-*.parquet")
+               for h in pq.read_table(part).column("text_hash").to_pylist()}
+    from tasks.corpus import read_products
+
+    catalog_hashes = {text_hash(t) for t in read_products(path).texts()}
+    assert encoded and not encoded & catalog_hashes
+
+    # served, it searches the document encoder's embeddings with its own query encoder
+    registry.promote("catalog-text", report["version"], reason="test: serve the query-side model")
+    searcher = Searcher(workspace, "catalog-text")
+    assert searcher.document_model is not searcher.model
+    products = read_products(path)
+    text = products.texts()[products.ids.index(searcher.docs[0]["doc_id"])]
+    stored = searcher.index.reconstruct(0)
+    assert stored @ searcher.encode_documents([text])[0] > 0.999
+    assert not abs(stored @ searcher.encode([text])[0] - 1) < 1e-6  # queries go through the adapted side
+    assert rows[65]["id"] in [h.doc_id for h in searcher.search(rows[65]["productDisplayName"], k=5)]
+
+    # once the catalog has drifted past the share, a refresh trains both towers again
+    rows += [dict(r, id=f"8000{n}", productDisplayName=f"Spring linen shirt {n}") for n, r in enumerate(catalog[80:90])]
+    _write_catalog(rows, path)
+    time.sleep(1.1)
+    assert _refresh(path, workspace, tiny_bi_encoder, "--full-retrain-share", "0.25") == 0  # 21 of 80 since
+    assert _last_report(workspace)["train"]["towers"] == "both"
