@@ -200,10 +200,8 @@ def train_marginmse(
     output_dir = Path(output_dir)
     final_dir = output_dir / "model"
     done = output_dir / "result.json"
-    if done.is_file() and final_dir.is_dir():  # finished before: a rerun does no work
-        saved = json.loads(done.read_text())
-        log.info("training already finished in %s; reusing it", output_dir)
-        return TrainResult(**{**saved, "model_dir": final_dir})
+    if (finished := _finished(output_dir)) is not None:  # a rerun does no work
+        return finished
     checkpoints = output_dir / "checkpoints"
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -262,11 +260,7 @@ def train_marginmse(
     start = time.time()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - start
-    staging = output_dir / ".model.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save(str(staging))
-    shutil.rmtree(final_dir, ignore_errors=True)
-    staging.rename(final_dir)
+    _save_model(model, output_dir, final_dir)
     history = [{k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
                for entry in trainer.state.log_history]
     result = TrainResult(
@@ -282,6 +276,24 @@ def train_marginmse(
     )
     write_json_atomic(done, {**asdict(result), "model_dir": str(final_dir)})
     return result
+
+
+def _finished(output_dir: Path) -> TrainResult | None:
+    """The result of a run that finished in ``output_dir`` before, if any."""
+    done, final_dir = output_dir / "result.json", output_dir / "model"
+    if not (done.is_file() and final_dir.is_dir()):
+        return None
+    log.info("training already finished in %s; reusing it", output_dir)
+    return TrainResult(**{**json.loads(done.read_text()), "model_dir": final_dir})
+
+
+def _save_model(model: Any, output_dir: Path, final_dir: Path) -> None:
+    """Write the model to ``final_dir`` through a staging folder: it is there whole or not at all."""
+    staging = output_dir / ".model.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save(str(staging))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    staging.rename(final_dir)
 
 
 def _fit_scale(model: Any, rows: TrainingRows, indices: list[int],
@@ -333,10 +345,8 @@ def train_query_side(
     output_dir = Path(output_dir)
     final_dir = output_dir / "model"
     done = output_dir / "result.json"
-    if done.is_file() and final_dir.is_dir():
-        saved = json.loads(done.read_text())
-        log.info("training already finished in %s; reusing it", output_dir)
-        return TrainResult(**{**saved, "model_dir": final_dir})
+    if (finished := _finished(output_dir)) is not None:
+        return finished
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(rows)).tolist()
@@ -385,11 +395,7 @@ def train_query_side(
             break
     model.eval()
     seconds = time.time() - start
-    staging = output_dir / ".model.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save(str(staging))
-    shutil.rmtree(final_dir, ignore_errors=True)
-    staging.rename(final_dir)
+    _save_model(model, output_dir, final_dir)
     result = TrainResult(model_dir=final_dir, steps=step, seconds=round(seconds, 1), label_scale=scale,
                          train_rows=len(rows), eval_rows=0, resumed_from=None, stopped_early=stopped,
                          history=history)
