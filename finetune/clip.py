@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -103,17 +103,6 @@ class ClipTrainConfig(BaseModel):
         "captions into k clusters (k-means on their text vectors) and "
         "builds each batch from 4 clusters, so negatives are similar "
         "products (topic-aware sampling, as TAS-B)",
-    )
-    text_targets: Literal["batch", "bank"] = Field(
-        "batch",
-        description="locked-text path: 'batch' contrasts each image with the captions in its batch "
-        "(CLIP/LiT); 'bank' scores it against every distinct training caption (the text tower is "
-        "frozen, so they are computed once) with soft targets from the text side: the caption's "
-        "own similarities to the bank at `target_temperature`, so products that share attributes "
-        "share probability instead of being pushed apart",
-    )
-    target_temperature: float = Field(
-        0.05, gt=0, le=1, description="'bank' targets: softmax temperature over caption-to-caption cosines"
     )
     tower_width: int = Field(
         32,
@@ -488,11 +477,6 @@ def train_lit(
         group_ids = caption_groups([c for view in nested for c in view]).reshape(n_views, len(pixels))
     group_of = torch.from_numpy(group_ids)
     images = torch.from_numpy(np.ascontiguousarray(pixels))
-    bank = None
-    if config.text_targets == "bank":
-        # one row per distinct caption (over all views): (distinct captions, dim)
-        _, first = np.unique(group_ids.reshape(-1), return_index=True)
-        bank = texts.reshape(-1, texts.shape[-1])[torch.from_numpy(first)]
 
     def loss_for_batch(indices: np.ndarray, generator: Any) -> Any:
         index = torch.from_numpy(indices)
@@ -506,11 +490,6 @@ def train_lit(
         )
         image_emb = F.normalize(tower(inputs), dim=-1)
         scale = logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
-        if bank is not None:
-            # every distinct caption is a candidate; the target is how the caption itself sees them
-            wanted = texts[view, index]
-            targets = F.softmax(wanted @ bank.T / config.target_temperature, dim=-1)
-            return F.cross_entropy(scale * image_emb @ bank.T, targets)
         logits = scale * image_emb @ texts[view, index].T
         targets = contrastive_targets(group_of[view, index])
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
