@@ -17,8 +17,9 @@ default) adapt only the query side: the passages keep the serving version's docu
 (from the cache), so neither training, evaluation nor the index needs the catalog encoded again, and
 a refresh costs in proportion to the change, not to the catalog. Such a version's card names its
 ``document_model``; search encodes documents with it. Once ``full_retrain_share`` of the catalog
-has been added or changed since the document encoder was trained, a refresh trains both towers again. A run with no
-change does no model work and says so. The whole run holds a lock: a second refresh of the same
+has been added or changed since the document encoder was trained, a refresh trains both towers again.
+
+A run with no change does no model work and says so. The whole run holds a lock: a second refresh of the same
 model waits, then fails cleanly. The snapshot is written last, so a crash leaves the previous one
 and the next run redoes the same delta from the store.
 """
