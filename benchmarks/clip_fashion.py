@@ -96,9 +96,8 @@ def main() -> None:
     pairs = load_pairs(ref)
     held_out = holdout_mask(pairs.ids, HOLDOUT_FRACTION, salt="holdout")
     if args.tune:
-        trainable = ~held_out
-        validation = trainable & holdout_mask(pairs.ids, VALIDATION_FRACTION, salt="validation")
-        train, evaluation = pairs.subset(trainable & ~validation), pairs.subset(validation)
+        validation = validation_mask(pairs.ids)
+        train, evaluation = pairs.subset(~held_out & ~validation), pairs.subset(validation)
         if args.train_subset:
             train = train.subset(np.arange(len(train)) < args.train_subset)
     else:
@@ -231,6 +230,14 @@ def main() -> None:
     }
     write_json_atomic(output, result)
     console.print(f"wrote {output} and {grid_path}")
+
+
+def validation_mask(ids):
+    """The validation slice that chooses settings: a salted-hash share of the products that are not held out."""
+    from tasks.pairs import holdout_mask
+
+    return ~holdout_mask(ids, HOLDOUT_FRACTION, salt="holdout") & holdout_mask(
+        ids, VALIDATION_FRACTION, salt="validation")
 
 
 def _parse(text: str):

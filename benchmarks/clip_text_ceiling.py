@@ -26,17 +26,15 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "clip_tune" / "text_ceiling.json")
     args = parser.parse_args()
 
-    from benchmarks.clip_fashion import HOLDOUT_FRACTION, VALIDATION_FRACTION
+    from benchmarks.clip_fashion import validation_mask
     from finetune.clip import ClipTrainConfig, tower_config
     from tasks.evaluate import catalog_eval_set, catalog_metrics_markdown, evaluate_catalog_encoder
     from tasks.image_text import cached_text_embeddings, initial_encoder
-    from tasks.pairs import holdout_mask, load_pairs, pairs_stage
+    from tasks.pairs import load_pairs, pairs_stage
     from tasks.store import write_json_atomic
 
     pairs = load_pairs(pairs_stage(args.data / "styles.csv", args.workspace, image_size=(80, 60)))
-    validation = ~holdout_mask(pairs.ids, HOLDOUT_FRACTION, salt="holdout") & holdout_mask(
-        pairs.ids, VALIDATION_FRACTION, salt="validation")
-    eval_set = catalog_eval_set(pairs.subset(validation))
+    eval_set = catalog_eval_set(pairs.subset(validation_mask(pairs.ids)))
     encoder = initial_encoder("all-MiniLM-L6-v2", tower_config(ClipTrainConfig(), (80, 60)), seed=0)
     captions = cached_text_embeddings(encoder, eval_set.captions, args.workspace, show_progress=False)
     report = evaluate_catalog_encoder(encoder, eval_set, system="caption embeddings in place of images",

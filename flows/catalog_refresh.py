@@ -159,7 +159,7 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
     start = resolve_model(start_name)
     # the catalog's embeddings (index, mining, teacher) come from the serving version's document encoder:
     # the version itself, or for a query-side refresh the version whose document side it kept
-    documents = resolve_model(card.get("document_model") or start_name)
+    documents = resolve_model(registry.document_model(config.model_name, current) if current else start_name)
     encoder = load_sentence_transformer(documents)
     cache = EmbeddingCache(config.workspace, encoder, documents.fingerprint, max_seq_length=config.max_seq_length)
     query_cache = cache if documents.fingerprint == start.fingerprint else EmbeddingCache(
@@ -324,8 +324,7 @@ def _refresh(config: RefreshConfig, folder: Path, registry) -> dict:
     index_dir = registry.path(config.model_name, serving) / INDEX_DIR
     meta = json.loads((index_dir / "meta.json").read_text()) if (index_dir / "meta.json").is_file() else {}
     if meta.get("corpus_key") != catalog.key:  # removed or new products: the live index follows the catalog
-        serving_docs = resolve_model(registry.card(config.model_name, serving).get("document_model")
-                                     or str(registry.path(config.model_name, serving)))
+        serving_docs = resolve_model(registry.document_model(config.model_name, serving))
         serving_cache = cache if serving_docs.fingerprint == documents.fingerprint else EmbeddingCache(
             config.workspace, load_sentence_transformer(serving_docs), serving_docs.fingerprint,
             max_seq_length=config.max_seq_length)

@@ -81,6 +81,11 @@ class Registry:
     def card(self, name: str, version: str | None = None) -> dict[str, Any]:
         return json.loads((self.path(name, version) / CARD).read_text())
 
+    def document_model(self, name: str, version: str | None = None) -> str:
+        """Directory of the model that encodes a version's documents: the version itself, or for a
+        version that adapted only its query side, the one whose document side it kept (its card says)."""
+        return self.card(name, version).get("document_model") or str(self.path(name, version))
+
     def current(self, name: str) -> str | None:
         pointer = self.root / name / "current"
         return pointer.read_text().strip() if pointer.is_file() else None

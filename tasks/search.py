@@ -107,8 +107,8 @@ class Searcher:
         self.card = self.registry.card(name, self.version)
         self.model = load_sentence_transformer(str(self.model_dir))
         # a query-side refresh keeps the document side of an earlier version: documents go through that one
-        document_model = self.card.get("document_model")
-        self.document_model = load_sentence_transformer(document_model) if document_model else self.model
+        documents = self.registry.document_model(name, self.version)
+        self.document_model = self.model if documents == str(self.model_dir) else load_sentence_transformer(documents)
         self.index_dir = self.model_dir / INDEX_DIR
         self._load(corpus)
 
