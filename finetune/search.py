@@ -31,7 +31,7 @@ from tasks.labelled import EvalSet
 
 log = logging.getLogger(__name__)
 
-PARAMS = ("model", "loss", "learning_rate", "batch_size", "epochs", "warmup_ratio")
+PARAMS = ("model", "loss", "learning_rate", "batch_size", "epochs", "warmup_ratio", "hard_negatives")
 
 
 class SearchSettings(BaseModel):
@@ -67,6 +67,11 @@ class SearchSettings(BaseModel):
     search_warmup: list[float] = Field(
         default_factory=lambda: [0.0, 0.2], description="warm-up share range searched (low high)"
     )
+    search_hard_negatives: list[int] = Field(
+        default_factory=lambda: [0],
+        description="mined hard negatives per row the search chooses among (mnrl losses; e.g. 0 1); "
+        "default: none mined",
+    )
     search_validation_fraction: float = Field(
         0.2, gt=0, lt=1, description="share of the training rows held out (no shared text) to score trials on"
     )
@@ -90,6 +95,8 @@ class SearchSettings(BaseModel):
             raise ValueError(f"search_loss: unknown loss(es) {unknown}; choose from {', '.join(LOSSES)}")
         if any(b < 4 or b % 2 for b in self.search_batch_sizes) or not self.search_batch_sizes:
             raise ValueError("search_batch_sizes must be even numbers of at least 4")
+        if not self.search_hard_negatives or not all(0 <= n <= 10 for n in self.search_hard_negatives):
+            raise ValueError("search_hard_negatives must be whole numbers from 0 to 10")
         if not self.search_epochs or min(self.search_epochs) < 1:
             raise ValueError("search_epochs must be whole numbers of at least 1")
 
@@ -144,6 +151,7 @@ def suggest(trial: Any, base: TrainSettings, space: SearchSettings) -> TrainSett
         "batch_size": trial.suggest_categorical("batch_size", list(space.search_batch_sizes)),
         "epochs": trial.suggest_categorical("epochs", list(space.search_epochs)),
         "warmup_ratio": trial.suggest_float("warmup_ratio", low_warmup, high_warmup),
+        "hard_negatives": trial.suggest_categorical("hard_negatives", list(space.search_hard_negatives)),
     }
     return base.model_copy(update=values)
 
@@ -162,6 +170,7 @@ def default_params(base: TrainSettings, space: SearchSettings, kind: str) -> dic
         "warmup_ratio": base.warmup_ratio
         if space.search_warmup[0] <= base.warmup_ratio <= space.search_warmup[1]
         else None,
+        "hard_negatives": base.hard_negatives if base.hard_negatives in space.search_hard_negatives else None,
     }
     return {k: v for k, v in candidates.items() if v is not None}
 
@@ -407,8 +416,9 @@ def _trial_row(trial: Any, metric: str) -> dict[str, Any]:
 def trials_markdown(result: SearchResult) -> str:
     """One row per trial: state, parameters, the objective and time; the best in bold."""
     lines = [
-        f"| trial | state | model | loss | learning rate | batch | epochs | warm-up | {result.metric} | seconds |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| trial | state | model | loss | learning rate | batch | epochs | warm-up | hard negatives "
+        f"| {result.metric} | seconds |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in result.trials:
         value = (
@@ -429,7 +439,8 @@ def trials_markdown(result: SearchResult) -> str:
         seconds = f"{t['seconds']:.0f}" if t["seconds"] else ""
         lines.append(
             f"| {label} | {t['state'].lower()} | {model} | {t['loss'] or ''} | {lr} | {t['batch_size'] or ''} "
-            f"| {t['epochs'] or ''} | {warmup} | {value} | {seconds} |"
+            f"| {t['epochs'] or ''} | {warmup} | {'' if t.get('hard_negatives') is None else t['hard_negatives']} "
+            f"| {value} | {seconds} |"
         )
     return "\n".join(lines)
 

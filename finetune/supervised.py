@@ -14,6 +14,9 @@ Losses (all from sentence-transformers; any data layout feeds any loss through t
 * ``mnrl+contrastive``: MNRL and OnlineContrastiveLoss in turns (multi-task), the combination
   sentence-transformers' Quora duplicate-questions example trains with.
 
+``hard_negatives`` > 0 gives every MNRL row that many mined negatives (sentence-transformers'
+``mine_hard_negatives`` with the base model over all training texts), so the loss also has to
+beat the nearest wrong texts, not only the random ones of the batch.
 ``matryoshka_dims`` wraps the loss in MatryoshkaLoss. Batching is group-aware: MNRL batches never
 hold two rows of one duplicate group (their positives would be each other's false negatives),
 triplet batches hold at least two texts of each group they draw from.
@@ -92,6 +95,13 @@ class TrainSettings(BaseModel):
         description="also train truncated embeddings of these sizes (MatryoshkaLoss), e.g. 384 256 128 64; "
         "none: off",
     )
+    hard_negatives: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="mnrl losses: mined hard negatives per (anchor, positive) row without a negative of its own, the base model's nearest "
+        "training texts that are not duplicates of the anchor (and score below 95% of the positive); 0: off",
+    )
     seed: int = Field(0, description="random seed of training and data splits")
 
     def resolved_loss(self, kind: str) -> str:
@@ -120,13 +130,30 @@ class TrainResult:
 # ------------------------------------------------------------------------------------ datasets
 
 
-def training_datasets(data: LabelledData, loss: str, *, seed: int = 0) -> dict[str, Any]:
-    """The datasets.Dataset(s) a loss trains on, by name (``mnrl``, ``contrastive``, ``triplet``)."""
+# A mined text scoring above this share of the positive's score is left out: on Quora-like data the
+# nearest "negatives" are often unlabelled duplicates (the 95% rule of NV-Retriever, which
+# sentence-transformers' mine_hard_negatives implements as relative_margin).
+HARD_NEGATIVE_RELATIVE_MARGIN = 0.05
+
+
+def training_datasets(
+    data: LabelledData, loss: str, *, seed: int = 0, miner: Any = None, hard_negatives: int = 0
+) -> dict[str, Any]:
+    """The datasets.Dataset(s) a loss trains on, by name (``mnrl``, ``contrastive``, ``triplet``).
+
+    ``miner`` (a SentenceTransformer) with ``hard_negatives`` > 0 adds that many mined negatives to
+    each MNRL row (see ``mine_negatives``)."""
     from datasets import Dataset
 
     tables = {}
     if loss in {"mnrl", "cached-mnrl", "mnrl+contrastive"}:
         tables["mnrl"] = positive_pairs(data)
+        if miner is not None and hard_negatives > 0 and "negative" in tables["mnrl"].columns:
+            log.warning("hard_negatives: the rows give their own negatives; none mined")
+        elif miner is not None and hard_negatives > 0:
+            tables["mnrl"], unmined = mine_negatives(data, tables["mnrl"], miner, hard_negatives)
+            if len(unmined):
+                tables["mnrl-unmined"] = unmined
     if loss in {"online-contrastive", "mnrl+contrastive"}:
         tables["contrastive"] = labelled_pairs(data, seed=seed)
     if loss in {"batch-hard-triplet", "batch-hard-soft-margin-triplet"}:
@@ -141,6 +168,59 @@ def training_datasets(data: LabelledData, loss: str, *, seed: int = 0) -> dict[s
             raise ValueError(f"{loss}: no training rows in the data")
         datasets[name] = Dataset.from_pandas(table, preserve_index=False)
     return datasets
+
+
+def mine_negatives(data: LabelledData, table: Any, model: Any, count: int) -> tuple[Any, Any]:
+    """``anchor, positive, negative, group`` rows, each (anchor, positive) row of ``table`` once per
+    mined negative, and the ``anchor, positive, group`` rows that kept no negative.
+
+    Candidates are all distinct texts of the training data; sentence-transformers'
+    ``mine_hard_negatives`` ranks them with ``model`` and drops any that scores within
+    ``HARD_NEGATIVE_RELATIVE_MARGIN`` of the positive. Mined texts of the anchor's own duplicate group
+    (duplicates of duplicates, which the library cannot know of) are dropped here. Rows that keep no
+    negative train without one (a dataset of their own: MNRL needs the same columns in a batch),
+    so no labelled pair is lost.
+    """
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    base = table
+    group_of: dict[str, str] = {}
+    for column in ("anchor", "positive"):
+        group_of.update(zip(base[column], base["group"], strict=True))
+    corpus = sorted(set(_all_texts(data)))
+    mined = mine_hard_negatives(
+        Dataset.from_pandas(base[["anchor", "positive"]], preserve_index=False),
+        model,
+        corpus=corpus,
+        relative_margin=HARD_NEGATIVE_RELATIVE_MARGIN,
+        num_negatives=count,
+        sampling_strategy="top",
+        output_format="triplet",
+        batch_size=64,
+        use_faiss=len(corpus) > 50_000,
+        verbose=False,
+    ).to_pandas()
+    mined["group"] = mined["anchor"].map(group_of)
+    mined = mined[mined["negative"].map(group_of) != mined["group"]]
+    covered = set(zip(mined["anchor"], mined["positive"], strict=True))
+    missing = base[[(a, p) not in covered for a, p in zip(base["anchor"], base["positive"], strict=True)]]
+    log.info(
+        "mined %d hard negatives for %d of %d rows (%d train without one)",
+        len(mined),
+        len(base) - len(missing),
+        len(base),
+        len(missing),
+    )
+    return mined[["anchor", "positive", "negative", "group"]].reset_index(drop=True), missing.reset_index(
+        drop=True
+    )
+
+
+def _all_texts(data: LabelledData) -> list[str]:
+    rows = data.rows
+    columns = {"pairs": ["text1", "text2"], "groups": ["text"], "triplets": ["query", "positive", "negative"]}
+    return [t for c in columns[data.kind] if c in rows for t in rows[c].dropna().astype(str)]
 
 
 def _make_collator(model: Any):
@@ -165,7 +245,7 @@ def build_loss(model: Any, dataset_name: str, settings: TrainSettings, loss: str
     """The sentence-transformers loss module for one dataset."""
     from sentence_transformers.sentence_transformer import losses
 
-    if dataset_name == "mnrl":
+    if dataset_name.startswith("mnrl"):
         module = (
             losses.CachedMultipleNegativesRankingLoss(
                 model, mini_batch_size=settings.mini_batch_size, show_progress_bar=False
@@ -266,8 +346,10 @@ def train_supervised(
         raise FileExistsError(f"{output_dir} exists; a training run writes a new directory")
     loss_name = settings.resolved_loss(data.kind)
     start = time.time()
-    datasets = training_datasets(data, loss_name, seed=settings.seed)
     model = load_sentence_transformer(settings.model, max_seq_length=settings.max_seq_length)
+    datasets = training_datasets(
+        data, loss_name, seed=settings.seed, miner=model, hard_negatives=settings.hard_negatives
+    )
     losses = {name: build_loss(model, name, settings, loss_name) for name in datasets}
     rows = sum(len(d) for d in datasets.values())
     steps_per_epoch = sum(math.ceil(len(d) / settings.batch_size) for d in datasets.values())

@@ -66,7 +66,8 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
             add_model_options(group, annotation, prefix=f"{dest}.")  # type: ignore[arg-type]
             continue
         flag = "--" + dest.replace(".", "-").replace("_", "-")
-        help_text = f"{field.description or ''} (default: {_default_text(field)})".strip()
+        # argparse %-formats help texts; the descriptions are plain text (also shown elsewhere)
+        help_text = f"{field.description or ''} (default: {_default_text(field)})".strip().replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": dest, "default": _SUPPRESS, "help": help_text}
         origin = typing.get_origin(annotation)
         if annotation is bool:

@@ -11,7 +11,15 @@ import pandas as pd
 import pytest
 
 from finetune.search import SearchSettings, plot_trials, run_search, trials_markdown
-from finetune.supervised import LOSSES, TrainSettings, _make_collator, _per_dataset_sampler, train_supervised
+from finetune.supervised import (
+    LOSSES,
+    TrainSettings,
+    _make_collator,
+    _per_dataset_sampler,
+    mine_negatives,
+    train_supervised,
+    training_datasets,
+)
 from tasks.corpus import LabelledData, read_labelled
 from tasks.labelled import build_eval_set, positive_pairs, split_no_shared_text
 
@@ -58,6 +66,8 @@ def test_each_loss_trains_and_changes_the_weights(tmp_path, tiny_bi_encoder, sma
 
 
 def test_groups_and_query_rows_train_with_their_default_losses(tmp_path, tiny_bi_encoder):
+    from tasks.models import load_sentence_transformer
+
     texts = [
         f"how do I {verb} my {thing}"
         for verb in ("reset", "change", "recover")
@@ -91,6 +101,39 @@ def test_groups_and_query_rows_train_with_their_default_losses(tmp_path, tiny_bi
         rows, TrainSettings(model=str(tiny_bi_encoder), **FAST), tmp_path / "rows", show_progress=False
     )
     assert result.loss == "mnrl" and result.rows == 6
+    # rows with their own negatives keep them: nothing is mined in their place
+    given = training_datasets(
+        rows, "mnrl", miner=load_sentence_transformer(tiny_bi_encoder), hard_negatives=2
+    )
+    assert list(given) == ["mnrl"] and given["mnrl"]["negative"] == texts[1:] + texts[:1]
+
+
+def test_mined_negatives_are_never_duplicates_and_no_pair_is_lost(tmp_path, tiny_bi_encoder, small_pairs):
+    from tasks.models import load_sentence_transformer
+
+    train, _ = small_pairs
+    table = positive_pairs(train)
+    group_of = dict(zip(table["anchor"], table["group"], strict=True))
+    group_of.update(zip(table["positive"], table["group"], strict=True))
+    mined, unmined = mine_negatives(train, table, load_sentence_transformer(tiny_bi_encoder), 2)
+    assert len(mined) > 0 and list(mined.columns) == ["anchor", "positive", "negative", "group"]
+    assert (
+        not (mined["negative"] == mined["positive"]).any()
+        and not (mined["negative"] == mined["anchor"]).any()
+    )
+    assert not (mined["negative"].map(group_of) == mined["group"]).any()
+    assert mined.groupby(["anchor", "positive"]).size().max() <= 2
+    pairs = set(zip(table["anchor"], table["positive"], strict=True))
+    kept = set(zip(mined["anchor"], mined["positive"], strict=True)) | set(
+        zip(unmined["anchor"], unmined["positive"], strict=True)
+    )
+    assert kept == pairs
+    all_texts = set(train.rows["text1"]) | set(train.rows["text2"])
+    assert set(mined["negative"]) <= all_texts
+
+    settings = TrainSettings(model=str(tiny_bi_encoder), loss="mnrl", hard_negatives=2, **FAST)
+    result = train_supervised(train, settings, tmp_path / "model", show_progress=False)
+    assert result.rows == len(mined) + len(unmined) and result.steps > 0 and result.loss_history
 
 
 def test_in_batch_negatives_are_never_duplicates_of_the_anchor(tiny_bi_encoder):
@@ -131,7 +174,7 @@ def test_two_trial_search_picks_the_best_and_reports(tmp_path, tiny_bi_encoder, 
         train,
         validation,
         base=TrainSettings(model=str(tiny_bi_encoder), **FAST),
-        space=SearchSettings(search=2, **SPACE),
+        space=SearchSettings(search=2, search_hard_negatives=[0, 2], **SPACE),
         workdir=tmp_path,
         metric="MRR@10",
         show_progress=False,
@@ -143,7 +186,9 @@ def test_two_trial_search_picks_the_best_and_reports(tmp_path, tiny_bi_encoder, 
         first["default"]
         and first["learning_rate"] == FAST["learning_rate"]
         and first["loss"] == "online-contrastive"
+        and first["hard_negatives"] == 0
     )
+    assert {t["hard_negatives"] for t in result.trials} <= {0, 2}
     assert result.default_trial == 0 and result.best_value >= result.default_value
     assert result.best_value == max(t["value"] for t in result.trials)
     assert result.trials[1]["learning_rate"] != FAST["learning_rate"]
@@ -151,7 +196,7 @@ def test_two_trial_search_picks_the_best_and_reports(tmp_path, tiny_bi_encoder, 
     assert Path(result.best_model_dir).is_dir()
     assert sorted(p.name for p in study_dir.glob("trial-*")) == [f"trial-{result.best_trial:04d}"]
     table = trials_markdown(result)
-    assert table.count("\n") == 3 and "(defaults)" in table and "**" in table
+    assert table.count("\n") == 3 and "(defaults)" in table and "**" in table and "hard negatives" in table
     png = plot_trials(result, study_dir / "trials.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
