@@ -137,7 +137,13 @@ HARD_NEGATIVE_RELATIVE_MARGIN = 0.05
 
 
 def training_datasets(
-    data: LabelledData, loss: str, *, seed: int = 0, miner: Any = None, hard_negatives: int = 0
+    data: LabelledData,
+    loss: str,
+    *,
+    seed: int = 0,
+    miner: Any = None,
+    hard_negatives: int = 0,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """The datasets.Dataset(s) a loss trains on, by name (``mnrl``, ``contrastive``, ``triplet``).
 
@@ -151,7 +157,9 @@ def training_datasets(
         if miner is not None and hard_negatives > 0 and "negative" in tables["mnrl"].columns:
             log.warning("hard_negatives: the rows give their own negatives; none mined")
         elif miner is not None and hard_negatives > 0:
-            tables["mnrl"], unmined = mine_negatives(data, tables["mnrl"], miner, hard_negatives)
+            tables["mnrl"], unmined = mine_negatives(
+                data, tables["mnrl"], miner, hard_negatives, verbose=show_progress
+            )
             if len(unmined):
                 tables["mnrl-unmined"] = unmined
     if loss in {"online-contrastive", "mnrl+contrastive"}:
@@ -170,7 +178,9 @@ def training_datasets(
     return datasets
 
 
-def mine_negatives(data: LabelledData, table: Any, model: Any, count: int) -> tuple[Any, Any]:
+def mine_negatives(
+    data: LabelledData, table: Any, model: Any, count: int, *, verbose: bool = False
+) -> tuple[Any, Any]:
     """``anchor, positive, negative, group`` rows, each (anchor, positive) row of ``table`` once per
     mined negative, and the ``anchor, positive, group`` rows that kept no negative.
 
@@ -199,7 +209,7 @@ def mine_negatives(data: LabelledData, table: Any, model: Any, count: int) -> tu
         output_format="triplet",
         batch_size=64,
         use_faiss=len(corpus) > 50_000,
-        verbose=False,
+        verbose=verbose,  # the library's progress bars and score statistics
     ).to_pandas()
     mined["group"] = mined["anchor"].map(group_of)
     mined = mined[mined["negative"].map(group_of) != mined["group"]]
@@ -348,7 +358,12 @@ def train_supervised(
     start = time.time()
     model = load_sentence_transformer(settings.model, max_seq_length=settings.max_seq_length)
     datasets = training_datasets(
-        data, loss_name, seed=settings.seed, miner=model, hard_negatives=settings.hard_negatives
+        data,
+        loss_name,
+        seed=settings.seed,
+        miner=model,
+        hard_negatives=settings.hard_negatives,
+        show_progress=show_progress,
     )
     losses = {name: build_loss(model, name, settings, loss_name) for name in datasets}
     rows = sum(len(d) for d in datasets.values())
