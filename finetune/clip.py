@@ -60,18 +60,19 @@ class ClipTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(
-        40,
+        54,
         ge=1,
         le=1000,
         description="passes over the training pairs (the plan; the time "
         "budget may shorten it after the first epoch)",
     )
     max_train_minutes: float = Field(
-        40.0,
+        44.0,
         gt=0,
         description="training-time budget: after the first epoch the plan is "
         "cut to the epochs that fit, and training stops at the "
-        "budget in any case",
+        "budget in any case (default: the 54 epochs of the fashion catalog, ~13k products, "
+        "fit it on 2 CPU cores)",
     )
     batch_size: int = Field(
         64,
@@ -80,9 +81,10 @@ class ClipTrainConfig(BaseModel):
         "validation slice 64 beat 128, 256 and 512 at the same cost per epoch: more, smaller steps)",
     )
     learning_rate: float = Field(
-        2e-3,
+        4e-3,
         gt=0,
-        description="peak learning rate of the image tower trained from scratch (locked-text path)",
+        description="peak learning rate of the image tower trained from scratch (locked-text path; on the "
+        "fashion validation slice 4e-3 beat 2e-3 and 1e-3)",
     )
     clip_learning_rate: float = Field(
         1e-5, gt=0, description="peak learning rate when fine-tuning a CLIP model"
