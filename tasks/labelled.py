@@ -256,9 +256,14 @@ class EvalSet:
     """What a model is evaluated on: retrieval over all eval texts, and labelled pairs."""
 
     retrieval: BeirData
-    exclude: dict[str, set[str]]  # query id -> itself: a query never retrieves its own text
+    exclude: dict[str, set[str]]  # query id -> its own text's id: a query never retrieves its own text
     pairs: pd.DataFrame  # text1, text2, label (0/1)
     source: str
+    # query id -> id of the corpus text that is the query (None: query ids are corpus text ids)
+    query_docs: dict[str, str] | None = None
+
+    def query_doc(self, query_id: str) -> str:
+        return self.query_docs[query_id] if self.query_docs else query_id
 
     @property
     def summary(self) -> str:
@@ -273,14 +278,22 @@ def _text_id(text: str) -> str:
     return "t" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def build_eval_set(data: LabelledData, *, seed: int = 0) -> EvalSet:
+def build_eval_set(data: LabelledData, *, seed: int = 0, queries: str = "texts") -> EvalSet:
     """The retrieval and pair-classification sets of labelled evaluation data.
 
     Retrieval: the corpus is every distinct text. Pairs: each first text of a duplicate pair is a
     query and its duplicates are relevant. Groups: each text of a group of two or more is a query,
     the rest of its group relevant. Triplets: each query, its positives relevant.
+    ``queries="rows"`` (pairs only): each duplicate row is a query of its own, with only that row's
+    second text relevant (a first text with several partners is then several queries, each judging
+    the other partners not relevant; the reading the Quora issue's zero-shot numbers were measured
+    with).
     Pair classification: the rows of ``labelled_pairs``.
     """
+    if queries not in ("texts", "rows"):
+        raise ValueError(f"queries must be 'texts' or 'rows', not {queries!r}")
+    if queries == "rows" and data.kind != "pairs":
+        raise ValueError(f"queries='rows' needs labelled pairs; {data.source} holds {data.kind}")
     texts = data.texts()
     ids = {t: _text_id(t) for t in texts}
     docs = pd.DataFrame(
@@ -321,13 +334,23 @@ def build_eval_set(data: LabelledData, *, seed: int = 0) -> EvalSet:
             "pair labelled 1, one group of two texts, or one (query, positive) row",
         )
     text_of = dict(zip(docs["doc_id"], docs["text"], strict=True))
-    queries = pd.DataFrame({"query_id": list(qrels), "text": [text_of[q] for q in qrels]})
-    retrieval = BeirData(corpus=corpus, queries=queries, qrels=qrels, folder=data.source, split="eval")
+    query_docs = None
+    if queries == "rows":
+        qrels, query_docs = {}, {}
+        duplicates = rows.loc[rows["label"] == 1, ["text1", "text2"]]
+        for row, (text1, text2) in zip(duplicates.index, duplicates.itertuples(index=False), strict=True):
+            if text1 != text2:
+                qrels[f"row{row}"] = {ids[text2]: 1}
+                query_docs[f"row{row}"] = ids[text1]
+    table = pd.DataFrame({"query_id": list(qrels), "text": [text_of[query_docs[q] if query_docs else q]
+                                                              for q in qrels]})
+    retrieval = BeirData(corpus=corpus, queries=table, qrels=qrels, folder=data.source, split="eval")
     return EvalSet(
         retrieval=retrieval,
-        exclude={q: {q} for q in qrels},
+        exclude={q: {query_docs[q] if query_docs else q} for q in qrels},
         pairs=labelled_pairs(data, seed=seed),
         source=data.source,
+        query_docs=query_docs,
     )
 
 
@@ -457,7 +480,7 @@ def evaluate_labelled(
         exact_index(embeddings),
         corpus.ids,
         queries,
-        embeddings[[position[q] for q in queries]],
+        embeddings[[position[eval_set.query_doc(q)] for q in queries]],
         top_k=top_k,
         exclude=eval_set.exclude,
     )
@@ -494,10 +517,11 @@ def labelled_markdown(
         how = "average precision" if metric == "AP" else "at the best threshold"
         lines.append(f"| {metric} ({how}) | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
     texts = dict(zip(eval_set.retrieval.corpus.ids, eval_set.retrieval.corpus.docs["text"], strict=True))
+    query_table = eval_set.retrieval.queries
     examples = example_matches(
         before.retrieval,
         after.retrieval,
-        texts,
+        dict(zip(query_table["query_id"], query_table["text"], strict=True)),
         texts,
         eval_set.retrieval.qrels,
         n=n_examples,
