@@ -2,7 +2,7 @@
 issue measured: the same model under two readings of "query with question1 among all distinct test
 questions, question2 relevant".
 
-- `distinct_texts` (benchmarks/supervised_quora.py): the corpus is every distinct question text of
+- `distinct_texts` (what `adapt supervised` reports for pairs): the corpus is every distinct question text of
   test.tsv; each distinct question1 of a duplicate pair is a query (itself left out) and all its
   question2 partners are relevant.
 - `question_slots`: the corpus is every question *slot* of test.tsv (20,000: a text that occurs in
@@ -28,7 +28,7 @@ from tasks import _env  # noqa: F401,E402
 ROOT = Path(__file__).resolve().parents[1]
 MEASURES = {"mrr@10": "RR@10", "ndcg@10": "nDCG@10"}
 PROTOCOLS = {
-    "distinct_texts": "benchmarks/supervised_quora.py: distinct texts; each distinct question1 a query, all its "
+    "distinct_texts": "build_eval_set's default: distinct texts; each distinct question1 a query, all its "
     "question2 partners relevant",
     "question_slots": "every question slot a document; each duplicate row's question1 a query, only its own "
     "slot left out, only that row's question2 slot relevant",
