@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.clip_fashion import FASHION_DATA, HOLDOUT_FRACTION  # noqa: E402
 from tasks import _env  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion-product-images-small"
-    )
+    parser.add_argument("--data", type=Path, default=FASHION_DATA)
     parser.add_argument("--benchmark", type=Path, default=ROOT / "benchmarks" / "results" / "clip_fashion.json")
     parser.add_argument("--model", type=Path, help="a saved catalog encoder (default: the benchmark's model_dir)")
     parser.add_argument("--workspace", type=Path, default=ROOT / "adapt-workspace" / "benchmark-clip")
@@ -43,7 +42,6 @@ def main() -> None:
     import numpy as np
     from rich.console import Console
 
-    from benchmarks.clip_fashion import HOLDOUT_FRACTION
     from tasks.evaluate import aggregate, catalog_eval_set, exact_index, score_run, search_index
     from tasks.image_text import cached_text_embeddings, load_catalog_encoder
     from tasks.pairs import holdout_mask, load_pairs, pairs_stage

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks import _env  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
+FASHION_DATA = ROOT.parent / "shared" / "data" / "fashion-product-images-small"
 HOLDOUT_FRACTION = 0.12
 VALIDATION_FRACTION = 0.12  # of the training products, for choosing settings (--tune)
 SHOWCASE = ["navy blue men shirt", "women red handbag", "black sports shoes for men", "white watch"]
@@ -38,9 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion-product-images-small"
-    )
+    parser.add_argument("--data", type=Path, default=FASHION_DATA)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "clip_fashion.json")
     parser.add_argument(
         "--workspace",
