@@ -44,13 +44,15 @@ CHECKPOINT_FILE = "checkpoint.pt"
 MAX_LOGIT_SCALE = 100.0  # as CLIP: the temperature never goes below 0.01
 
 
-# the attributes alone, and two of their subsets: an image shows them, not the brand in the product
-# name, and shoppers ask for a colour or a gender with a kind of product. On the fashion validation
-# slice each step beat the caption set before it (benchmarks/results/clip_tune/).
+# the attributes alone, two of their subsets and the form shoppers type ("Men Navy Blue Shirts"): an
+# image shows them, not the brand in the product name. On the fashion validation slice each step beat
+# the caption set before it (benchmarks/results/clip_tune/). The last is also the template of the
+# fashion benchmark's attribute queries (on products never trained on).
 DEFAULT_EXTRA_CAPTION_TEMPLATES = (
     "{articleType}, {baseColour}, {gender}, {usage}",
     "{baseColour} {articleType}",
     "{gender} {articleType}",
+    "{gender} {baseColour} {articleType}",
 )
 
 
