@@ -73,8 +73,8 @@ class ClipTrainConfig(BaseModel):
         gt=0,
         description="training-time budget: after the first epoch the plan is "
         "cut to the epochs that fit, and training stops at the "
-        "budget in any case (default: the 54 epochs of the fashion catalog, ~13k products, "
-        "fit it on 2 CPU cores)",
+        "budget in any case (default: a 45-minute allowance less a margin; on 2 CPU cores 40-46 "
+        "epochs of the ~13k-product fashion catalog fit it)",
     )
     batch_size: int = Field(
         64,
