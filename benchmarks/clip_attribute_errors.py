@@ -42,7 +42,7 @@ def main() -> None:
     import numpy as np
     from rich.console import Console
 
-    from tasks.evaluate import aggregate, catalog_eval_set, exact_index, score_run, search_index
+    from tasks.evaluate import catalog_eval_set, exact_index, score_run, search_index
     from tasks.image_text import cached_text_embeddings, load_catalog_encoder
     from tasks.pairs import holdout_mask, load_pairs, pairs_stage
     from tasks.store import write_json_atomic
@@ -54,6 +54,9 @@ def main() -> None:
     held_out = pairs.subset(holdout_mask(pairs.ids, HOLDOUT_FRACTION, salt="holdout"))
     eval_set = catalog_eval_set(held_out)
     fields_of = dict(zip(eval_set.doc_ids, held_out.attributes(), strict=True))
+
+    def mean(per_query: dict[str, float]) -> float:
+        return round(float(np.mean(list(per_query.values()))), 4) if per_query else 0.0
 
     def value(doc_id: str, field: str) -> str:
         return (fields_of[doc_id].get(field) or "").strip()
@@ -92,9 +95,9 @@ def main() -> None:
         for low, high in BUCKETS:
             chosen = {q: v for q, v in per_query.items() if low <= len(eval_set.attribute_qrels[q]) <= high}
             label = f"{low}" if low == high else (f"{low}-{high}" if high < 10**9 else f"{low}+")
-            buckets[label] = {"queries": len(chosen), "ndcg@10": round(aggregate({"x": chosen})["x"], 4)}
+            buckets[label] = {"queries": len(chosen), "ndcg@10": mean(chosen)}
         result["systems"][system] = {
-            "attribute_ndcg@10": round(aggregate({"x": per_query})["x"], 4),
+            "attribute_ndcg@10": mean(per_query),
             "top10_share_matching": {**agreement, "all three": round(all_three, 4)},
             "ndcg@10_by_relevant_products": buckets,
         }
