@@ -1,5 +1,5 @@
-"""Why zero-shot all-MiniLM-L6-v2 scores MRR@10 0.787 on our Quora retrieval set, not the 0.752 the
-issue measured: the same model under two readings of "query with question1 among all distinct test
+"""Why zero-shot all-MiniLM-L6-v2 scored MRR@10 0.787 on our first Quora retrieval set, not the 0.752 the
+issue measured: the same model under three readings of "query with question1 among all distinct test
 questions, question2 relevant".
 
 - `distinct_texts` (what `adapt supervised` reports for pairs): the corpus is every distinct question text of
@@ -9,6 +9,8 @@ questions, question2 relevant".
   several rows is several documents); each duplicate row's question1 is a query, only its own slot
   left out, only that row's question2 slot relevant. A query whose text occurs in another row then
   finds its own copy first, which is not relevant.
+- `rows_over_distinct_texts` (benchmarks/supervised_quora.py): the corpus of `distinct_texts`; each
+  duplicate row is a query of its own (its own text left out), only that row's question2 relevant.
 
 Nothing is trained: `--model` may name saved models (e.g. those benchmarks/supervised_quora.py
 trained) to score them under each reading too. Writes benchmarks/results/quora_protocols.json.
@@ -54,23 +56,40 @@ def main() -> None:
 
     from finetune.supervised import TrainSettings
     from tasks.corpus import read_labelled_pairs
-    from tasks.evaluate import encode_texts
+    from tasks.evaluate import aggregate, encode_texts, score_run
+    from tasks.labelled import build_eval_set, search_eval_set
     from tasks.models import load_sentence_transformer
     from tasks.store import write_json_atomic
 
     console = Console()
     start = time.time()
-    rows = read_labelled_pairs(args.data / "test.tsv").rows.reset_index(drop=True)
-    distinct = sorted(set(rows["text1"]) | set(rows["text2"]))
+    test = read_labelled_pairs(args.data / "test.tsv")
+    rows = test.rows.reset_index(drop=True)
+    eval_sets = {  # the two readings over distinct texts, as tasks.labelled builds them
+        "distinct_texts": build_eval_set(test),
+        "rows_over_distinct_texts": build_eval_set(test, queries="rows"),
+    }
+    corpus = eval_sets["distinct_texts"].retrieval.corpus  # the same distinct texts in both
+    distinct = corpus.docs["text"].tolist()
     duplicates = rows[rows["label"] == 1]
-    occurrences = pd_counts(rows)
+    occurrences = slot_counts(rows)
     repeated = sum(1 for t in set(duplicates["text1"]) if occurrences[t] > 1)
 
     scores = {}
     for label, name in (m.split("=", 1) if "=" in m else (m, m) for m in args.model or ["all-MiniLM-L6-v2"]):
         model = load_sentence_transformer(name, max_seq_length=TrainSettings().max_seq_length)
-        vectors = encode_texts(model, distinct, batch_size=128)
-        scores[label] = {"model": str(name), **score(vectors, distinct, rows, duplicates)}
+        vectors = encode_texts(model, corpus.texts(), batch_size=128)
+        scores[label] = {"model": str(name)}
+        for protocol in PROTOCOLS:
+            if protocol in eval_sets:
+                qrels, n_docs = eval_sets[protocol].retrieval.qrels, len(distinct)
+                run = search_eval_set(eval_sets[protocol], vectors, top_k=10)
+            else:
+                qrels, run, n_docs = slot_run(vectors, distinct, rows, duplicates)
+            metrics = aggregate(score_run(qrels, run, MEASURES))
+            scores[label][protocol] = {
+                "queries": len(qrels), "corpus": n_docs, **{k: round(v, 4) for k, v in metrics.items()}
+            }
         console.print(label, scores[label])
     result = {
         "protocols": PROTOCOLS,
@@ -83,32 +102,19 @@ def main() -> None:
     console.print(f"wrote {args.output}")
 
 
-def pd_counts(rows):
+def slot_counts(rows):
     """How many question slots of the file hold each text."""
     from collections import Counter
 
     return Counter(rows["text1"]) + Counter(rows["text2"])
 
 
-def score(vectors, distinct, rows, duplicates) -> dict:
-    """MRR@10 and nDCG@10 of one model's vectors of the distinct texts, under each protocol."""
-    from tasks.evaluate import aggregate, exact_index, score_run, search_index
+def slot_run(vectors, distinct, rows, duplicates):
+    """qrels, run and corpus size of the `question_slots` reading, which tasks.labelled does not build
+    (it indexes each distinct text once): every slot is a document, its vector its text's vector."""
+    from tasks.evaluate import exact_index, search_index
 
     row_of = {text: i for i, text in enumerate(distinct)}
-    ids = [f"t{i}" for i in range(len(distinct))]
-    index = exact_index(vectors)
-    out = {}
-
-    qrels: dict[str, dict[str, int]] = {}
-    for text1, text2 in duplicates[["text1", "text2"]].itertuples(index=False):
-        if text1 != text2:
-            qrels.setdefault(f"t{row_of[text1]}", {})[f"t{row_of[text2]}"] = 1
-    queries = list(qrels)
-    run = search_index(index, ids, queries, vectors[[int(q[1:]) for q in queries]], top_k=10,
-                       exclude={q: {q} for q in queries})
-    out["distinct_texts"] = (qrels, run, len(ids))
-
-    # a slot's vector is its text's vector
     slot_ids, slot_rows = [], []
     for r, (text1, text2) in enumerate(rows[["text1", "text2"]].itertuples(index=False)):
         slot_ids += [f"r{r}q1", f"r{r}q2"]
@@ -117,22 +123,7 @@ def score(vectors, distinct, rows, duplicates) -> dict:
     run = search_index(exact_index(vectors[slot_rows]), slot_ids, list(qrels),
                        vectors[[row_of[t] for t in duplicates["text1"]]], top_k=10,
                        exclude={q: {q} for q in qrels})
-    out["question_slots"] = (qrels, run, len(slot_ids))
-
-    qrels, exclude, query_rows = {}, {}, []
-    for r, text1, text2 in zip(duplicates.index, duplicates["text1"], duplicates["text2"], strict=True):
-        if text1 != text2:
-            qrels[f"r{r}"] = {f"t{row_of[text2]}": 1}
-            exclude[f"r{r}"] = {f"t{row_of[text1]}"}
-            query_rows.append(row_of[text1])
-    run = search_index(index, ids, list(qrels), vectors[query_rows], top_k=10, exclude=exclude)
-    out["rows_over_distinct_texts"] = (qrels, run, len(ids))
-
-    return {
-        protocol: {"queries": len(qrels), "corpus": n_docs,
-                   **{k: round(v, 4) for k, v in aggregate(score_run(qrels, run, MEASURES)).items()}}
-        for protocol, (qrels, run, n_docs) in out.items()
-    }
+    return qrels, run, len(slot_ids)
 
 
 if __name__ == "__main__":

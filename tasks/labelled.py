@@ -342,12 +342,12 @@ def build_eval_set(data: LabelledData, *, seed: int = 0, queries: str = "texts")
             if text1 != text2:
                 qrels[f"row{row}"] = {ids[text2]: 1}
                 query_docs[f"row{row}"] = ids[text1]
-    table = pd.DataFrame({"query_id": list(qrels), "text": [text_of[query_docs[q] if query_docs else q]
-                                                              for q in qrels]})
+    own = query_docs or {q: q for q in qrels}  # query id -> id of its own text
+    table = pd.DataFrame({"query_id": list(qrels), "text": [text_of[own[q]] for q in qrels]})
     retrieval = BeirData(corpus=corpus, queries=table, qrels=qrels, folder=data.source, split="eval")
     return EvalSet(
         retrieval=retrieval,
-        exclude={q: {query_docs[q] if query_docs else q} for q in qrels},
+        exclude={q: {own[q]} for q in qrels},
         pairs=labelled_pairs(data, seed=seed),
         source=data.source,
         query_docs=query_docs,
@@ -446,6 +446,22 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, 
     }
 
 
+def search_eval_set(eval_set: EvalSet, embeddings: np.ndarray, *, top_k: int = 100) -> dict[str, dict[str, float]]:
+    """The retrieval run of an eval set: each query (its own text's row of ``embeddings``, which are
+    the corpus texts' unit vectors in corpus order) against all corpus texts, its own text left out."""
+    corpus = eval_set.retrieval.corpus
+    position = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
+    queries = eval_set.retrieval.queries["query_id"].tolist()
+    return search_index(
+        exact_index(embeddings),
+        corpus.ids,
+        queries,
+        embeddings[[position[eval_set.query_doc(q)] for q in queries]],
+        top_k=top_k,
+        exclude=eval_set.exclude,
+    )
+
+
 def evaluate_labelled(
     model: Any,
     eval_set: EvalSet,
@@ -474,17 +490,9 @@ def evaluate_labelled(
         show_progress=show_progress,
         desc="encoding evaluation texts",
     )
-    position = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
-    queries = eval_set.retrieval.queries["query_id"].tolist()
-    run = search_index(
-        exact_index(embeddings),
-        corpus.ids,
-        queries,
-        embeddings[[position[eval_set.query_doc(q)] for q in queries]],
-        top_k=top_k,
-        exclude=eval_set.exclude,
-    )
+    run = search_eval_set(eval_set, embeddings, top_k=top_k)
     retrieval = report_from_run(name, eval_set.retrieval, run, seconds=time.time() - start)
+    position = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
     row_of_text = {
         text: position[doc_id] for doc_id, text in zip(corpus.ids, corpus.docs["text"], strict=True)
     }
