@@ -1,0 +1,226 @@
+"""What stands at rank 1 when the Quora benchmark's relevant question does not, and how far MRR@10 could
+rise by ranking only the labelled partner higher.
+
+The retrieval set is `benchmarks/supervised_quora.py`'s (the issue's reading): each duplicate row of
+test.tsv is a query, its question1 against all distinct test questions (itself left out), and only
+that row's question2 is relevant. For every query the model misses at rank 1, the script sorts the
+rank-1 question into one of:
+
+- `labelled_duplicate`: a duplicate of the query by test.tsv's own labels (another partner of the same
+  question1, or linked to it through other duplicate rows), judged not relevant for this row;
+- `labelled_non_duplicate`: a question test.tsv pairs with the query under label 0;
+- `unlabelled`: any other question; the labels say nothing about it.
+
+It also reports the ceiling the labels allow (the rows of one question1 share one ranking, so of
+k partners only one can be first: the best any model can reach is sum 1/i over them) and draws a
+seeded random sample of `unlabelled` misses into a TSV for reading by hand. When a judged copy of that
+sample exists (`--judged`, column `top1_is_duplicate` filled with y or n: would one answer serve
+both questions?), it estimates the best MRR@10 a model could reach without ranking a real duplicate
+below the labelled one: every `unlabelled` miss whose rank-1 question is *not* a duplicate, and every
+`labelled_non_duplicate` miss, moved to rank 1 (generous: the relevant question is then assumed to
+outrank every other duplicate too). `labelled_duplicate` misses stay: their rank-1 question is a
+duplicate by test.tsv's own labels. The interval is a bootstrap over the judged sample.
+
+Nothing is trained. Writes benchmarks/results/quora_misses.json (and the sample TSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tasks import _env  # noqa: F401,E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SEED = 0
+SAMPLE_COLUMNS = ["query_id", "rank", "query", "top1", "relevant", "top1_is_duplicate"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "quora-question-pairs")
+    parser.add_argument(
+        "--model",
+        default="all-MiniLM-L6-v2",
+        help="a model name or directory (for another model than the default, also give --output and "
+        "--sample-output, or the committed results are overwritten)",
+    )
+    parser.add_argument("--sample", type=int, default=60, help="unlabelled misses to draw for reading")
+    parser.add_argument("--sample-output", type=Path, default=RESULTS / "quora_misses_sample.tsv")
+    parser.add_argument(
+        "--judged",
+        type=Path,
+        default=RESULTS / "quora_misses_judged.tsv",
+        help="the sample with top1_is_duplicate filled in by hand (y/n); used when it exists",
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS / "quora_misses.json")
+    args = parser.parse_args()
+
+    import numpy as np
+    from rich.console import Console
+
+    from finetune.supervised import TrainSettings
+    from tasks.corpus import LabelledData, read_labelled_pairs
+    from tasks.evaluate import aggregate, encode_texts, score_run
+    from tasks.labelled import build_eval_set, row_components, search_eval_set
+    from tasks.models import load_sentence_transformer
+    from tasks.store import write_json_atomic
+
+    console = Console()
+    start = time.time()
+    test = read_labelled_pairs(args.data / "test.tsv")
+    eval_set = build_eval_set(test, queries="rows")
+    corpus = eval_set.retrieval.corpus
+    text_of = dict(zip(corpus.ids, corpus.texts(), strict=True))
+    id_of = {text: doc_id for doc_id, text in text_of.items()}
+
+    rows = test.rows
+    duplicates = rows[rows["label"] == 1]
+    component = {}  # text id -> duplicate component, through label-1 rows only
+    for (text1, text2), group in zip(
+        duplicates[["text1", "text2"]].itertuples(index=False),
+        row_components(LabelledData("pairs", duplicates, test.source)),
+        strict=True,
+    ):
+        component[id_of[text1]] = component[id_of[text2]] = int(group)
+    non_duplicates: dict[str, set[str]] = {}
+    for text1, text2 in rows.loc[rows["label"] == 0, ["text1", "text2"]].itertuples(index=False):
+        non_duplicates.setdefault(id_of[text1], set()).add(id_of[text2])
+        non_duplicates.setdefault(id_of[text2], set()).add(id_of[text1])
+
+    model = load_sentence_transformer(args.model, max_seq_length=TrainSettings().max_seq_length)
+    vectors = encode_texts(model, corpus.texts(), batch_size=128)
+    run = search_eval_set(eval_set, vectors, top_k=10)
+    qrels = eval_set.retrieval.qrels
+    reciprocal = score_run(qrels, run, {"mrr@10": "RR@10"})["mrr@10"]
+    mrr = aggregate({"mrr@10": reciprocal})["mrr@10"]
+
+    kinds = ("hit", "labelled_duplicate", "labelled_non_duplicate", "unlabelled")
+    by_kind: dict[str, list[str]] = {kind: [] for kind in kinds}
+    top_of: dict[str, str] = {}
+    for query in qrels:
+        own = eval_set.query_doc(query)
+        ranked = sorted(run.get(query, {}).items(), key=lambda item: -item[1])
+        top = ranked[0][0]
+        top_of[query] = top
+        if top in qrels[query]:
+            kind = "hit"
+        elif top in component and component.get(top) == component.get(own):
+            kind = "labelled_duplicate"
+        elif top in non_duplicates.get(own, ()):
+            kind = "labelled_non_duplicate"
+        else:
+            kind = "unlabelled"
+        by_kind[kind].append(query)
+    n = len(qrels)
+
+    # The labels' ceiling: rows of one question1 share a ranking; with partners seen c_1 >= c_2 >= ...
+    # times, the best is to rank them in that order: sum c_j / j over the question1's rows.
+    partners: dict[str, dict[str, int]] = {}
+    for query, judged in qrels.items():
+        counts = partners.setdefault(eval_set.query_doc(query), {})
+        for doc in judged:
+            counts[doc] = counts.get(doc, 0) + 1
+    ceiling = sum(
+        sum(c / j for j, c in enumerate(sorted(counts.values(), reverse=True), start=1))
+        for counts in partners.values()
+    ) / n
+
+    def gap(queries: list[str]) -> float:
+        """MRR@10 gained if each of these queries had its relevant question at rank 1."""
+        return sum(1.0 - reciprocal[q] for q in queries) / n
+
+    rng = np.random.default_rng(SEED)
+    unlabelled = by_kind["unlabelled"]
+    chosen = sorted(rng.choice(len(unlabelled), min(args.sample, len(unlabelled)), replace=False))
+    sample = []
+    for i in chosen:
+        query = unlabelled[i]
+        relevant = next(iter(qrels[query]))
+        rank = 1 + [d for d, _ in sorted(run[query].items(), key=lambda x: -x[1])].index(relevant) \
+            if relevant in run[query] else None
+        sample.append({
+            "query_id": query,
+            "rank": rank if rank else ">10",
+            "query": text_of[eval_set.query_doc(query)],
+            "top1": text_of[top_of[query]],
+            "relevant": text_of[relevant],
+            "top1_is_duplicate": "",
+        })
+    args.sample_output.parent.mkdir(parents=True, exist_ok=True)
+    with args.sample_output.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, SAMPLE_COLUMNS, delimiter="\t")
+        writer.writeheader()
+        writer.writerows(sample)
+
+    result = {
+        "model": args.model,
+        "queries": n,
+        "mrr@10": round(mrr, 4),
+        "rank1": {kind: len(queries) for kind, queries in by_kind.items()},
+        "mrr@10_gap": {kind: round(gap(by_kind[kind]), 4) for kind in kinds[1:]},
+        "labels_ceiling_mrr@10": round(ceiling, 4),
+        "sample": {"file": shown(args.sample_output), "size": len(sample), "seed": SEED},
+        "target_mrr@10": 0.80,
+    }
+    if args.judged.exists():
+        result["judged"] = judged_estimate(args.judged, sample, reciprocal, by_kind, n, mrr, gap)
+    result["seconds"] = round(time.time() - start, 1)
+    write_json_atomic(args.output, result)
+    console.print(result)
+    console.print(f"wrote {args.output} and {args.sample_output}")
+
+
+def shown(path: Path) -> str:
+    """A path as the JSON records it: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def judged_estimate(path, sample, reciprocal, by_kind, n, mrr, gap) -> dict:
+    """The hand-judged sample's share of unlabelled rank-1 questions that are real duplicates, and the
+    best MRR@10 reachable without ranking a real duplicate below the labelled partner."""
+    import numpy as np
+    from scipy.stats import binomtest, bootstrap
+
+    with path.open(encoding="utf-8", newline="") as handle:
+        judged = {row["query_id"]: row for row in csv.DictReader(handle, delimiter="\t")}
+    drawn = [row["query_id"] for row in sample]
+    if sorted(judged) != sorted(drawn):
+        return {"file": shown(path), "skipped": "its query ids are not this run's sample (another model, data "
+                "or --sample): judge the new sample file and pass it as --judged"}
+    answers = {q: judged[q]["top1_is_duplicate"].strip().lower() for q in drawn}
+    bad = [q for q, a in answers.items() if a not in ("y", "n")]
+    if bad:
+        raise SystemExit(f"{path}: top1_is_duplicate must be y or n; rows {bad[:5]} are not")
+    duplicates = sum(a == "y" for a in answers.values())
+    interval = binomtest(duplicates, len(drawn)).proportion_ci(method="wilson")
+    # Per judged miss: what moving its relevant question to rank 1 would add, when its rank-1 question
+    # is not a duplicate (0 when it is). Its mean, scaled to all unlabelled misses, is the fixable gain.
+    values = np.array([(1.0 - reciprocal[q]) * (a == "n") for q, a in answers.items()])
+    scale = len(by_kind["unlabelled"]) / n
+    fixable = float(values.mean()) * scale
+    ci = bootstrap((values,), np.mean, confidence_level=0.95, random_state=SEED).confidence_interval
+    base = mrr + gap(by_kind["labelled_non_duplicate"])
+    return {
+        "file": shown(path),
+        "top1_is_duplicate": duplicates,
+        "judged": len(drawn),
+        "share_duplicate": round(duplicates / len(drawn), 3),
+        "share_duplicate_95ci": [round(float(interval.low), 3), round(float(interval.high), 3)],
+        "mrr@10_gain_fixing_non_duplicate_unlabelled": round(fixable, 4),
+        "best_mrr@10_without_demoting_real_duplicates": round(base + fixable, 4),
+        "best_mrr@10_95ci": [round(float(base + ci.low * scale), 4), round(float(base + ci.high * scale), 4)],
+    }
+
+
+if __name__ == "__main__":
+    main()
