@@ -259,6 +259,12 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
         f"in {result['seconds'] / 60:.1f} min, {result['images_per_second']:.1f} images/s, final temperature "
         f"{result['final_temperature']}"
         + ("; stopped by the time budget" if result["stopped_by_budget"] else "")
+        + (
+            f"; the {config.train.max_train_minutes:g}-minute budget planned {result['epochs_planned']} of the "
+            f"{config.train.epochs} epochs asked"
+            if result["epochs_planned"] < config.train.epochs
+            else ""
+        )
         + f". Loss curve: `{trained['loss_plot']}`.",
         f"Registry: {config.registry_name} {promotion['version']}: {promotion['reason']}.",
     ]

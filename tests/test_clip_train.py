@@ -250,9 +250,12 @@ def test_training_resumes_from_its_checkpoint_exactly(sample_pairs, minilm_capti
 def test_time_budget_stops_training_and_a_rerun_resumes_it(sample_pairs, minilm_caption_vectors, tmp_path):
     from finetune.clip import epochs_that_fit
 
-    assert epochs_that_fit(16, 60.0, 40 * 60.0) == 16
-    assert epochs_that_fit(16, 300.0, 40 * 60.0) == 8
-    assert epochs_that_fit(16, 3000.0, 40 * 60.0) == 1
+    assert epochs_that_fit(16, 1, 60.0, 60.0, 40 * 60.0) == 16
+    assert epochs_that_fit(16, 1, 300.0, 300.0, 40 * 60.0) == 8
+    assert epochs_that_fit(16, 1, 3000.0, 3000.0, 40 * 60.0) == 1
+    # after a slow first epoch (300 s) and a faster second (100 s): 2 + 1800 s / 100 s
+    assert epochs_that_fit(40, 2, 400.0, 100.0, 40 * 60.0) == 22
+    assert epochs_that_fit(16, 2, 400.0, 100.0, 40 * 60.0) == 16
     tight = fast(epochs=4, max_train_minutes=1e-5)
     encoder = new_lit_encoder("all-MiniLM-L6-v2", TINY_TOWER)
     stopped = train_lit(
@@ -275,6 +278,42 @@ def test_time_budget_stops_training_and_a_rerun_resumes_it(sample_pairs, minilm_
         show_progress=False,
     )
     assert finished.resumed_from_step == 1 and finished.steps == 12 and not finished.stopped_by_budget
+
+
+def test_the_budget_replans_at_the_second_epochs_pace(sample_pairs, minilm_caption_vectors, monkeypatch):
+    """A slow first epoch cuts the plan; the faster second one lets it grow back to what fits."""
+    import finetune.clip as clip
+
+    clock = {"now": 0.0}
+
+    class FakeTime:  # the loop's clock, advanced by the steps below instead of by real time
+        @staticmethod
+        def time():
+            return clock["now"]
+
+        @staticmethod
+        def process_time():
+            return clock["now"]
+
+    def tick(step: int, loss: float) -> None:
+        # the loop reads the clock before calling on_step: step k's time counts from step k + 1 on,
+        # so the first epoch (steps 1-3) is timed at 2 x 100 s and the second at 3 x 10 s
+        clock["now"] += 100.0 if step <= 2 else 10.0
+
+    monkeypatch.setattr(clip, "time", FakeTime)
+    result = train_lit(
+        new_lit_encoder("all-MiniLM-L6-v2", TINY_TOWER),
+        sample_pairs.pixels,
+        minilm_caption_vectors,
+        fast(epochs=20, max_train_minutes=10.0),
+        run_key="replan",
+        show_progress=False,
+        on_step=tick,
+    )
+    assert result.steps_per_epoch == 3
+    # after epoch 1: 600 s // 200 s = 3 epochs; after epoch 2 (230 s): 2 + 370 s // 30 s = 14
+    assert result.epochs_planned == 14 and result.steps == 42 and not result.stopped_by_budget
+    assert [(r["after_epochs"], r["epochs"]) for r in result.replans] == [(1, 3), (2, 14)]
 
 
 def test_a_text_model_is_not_an_image_encoder():
