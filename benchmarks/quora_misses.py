@@ -31,7 +31,6 @@ Nothing is trained. Writes benchmarks/results/quora_misses.json (and the sample 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.supervised_quora import quora_parser  # noqa: E402
 from tasks import _env  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +48,7 @@ SAMPLE_COLUMNS = ["query_id", "rank", "query", "top1", "relevant", "top1_is_dupl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "quora-question-pairs")
+    parser = quora_parser(__doc__)
     parser.add_argument(
         "--model",
         default="all-MiniLM-L6-v2",

@@ -18,13 +18,13 @@ trained) to score them under each reading too. Writes benchmarks/results/quora_p
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.supervised_quora import quora_parser  # noqa: E402
 from tasks import _env  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +39,7 @@ PROTOCOLS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "quora-question-pairs")
+    parser = quora_parser(__doc__)
     parser.add_argument(
         "--model",
         action="append",

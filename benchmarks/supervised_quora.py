@@ -37,6 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 
 
+def quora_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser of the Quora benchmarks: the script's docstring as help, and --data."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "quora-question-pairs",
+                        help="the folder of dev.tsv and test.tsv (default: %(default)s)")
+    return parser
+
+
 def sample_pairs(data, n: int | None):
     """A seeded random ``n`` of the rows (all of them when n is None or not smaller)."""
     import numpy as np
@@ -49,10 +57,7 @@ def sample_pairs(data, n: int | None):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "quora-question-pairs")
+    parser = quora_parser(__doc__)
     parser.add_argument(
         "--output", type=Path, default=ROOT / "benchmarks" / "results" / "supervised_quora.json"
     )
