@@ -20,9 +20,9 @@ schedule with warm-up (transformers' ``get_cosine_schedule_with_warmup``); check
 atomically every ``checkpoint_every`` steps and at each epoch's end; a training-time budget that
 shortens the plan after the first epoch when all epochs would not fit, and re-plans once more after
 the second at the second's pace (the first epoch can run slower than the rest, which planned too few
-epochs and left the budget unused); mixed precision only on a GPU (always off on CPU). Written by hand rather than with transformers'
-``Trainer`` because the LiT step is not a ``PreTrainedModel`` forward, and the time budget must
-re-plan the schedule.
+epochs and left the budget unused); mixed precision only on a GPU (always off on CPU). Written by
+hand rather than with transformers' ``Trainer`` because the LiT step is not a ``PreTrainedModel``
+forward, and the time budget must re-plan the schedule.
 """
 
 from __future__ import annotations

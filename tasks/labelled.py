@@ -309,13 +309,21 @@ def build_eval_set(data: LabelledData, *, seed: int = 0, queries: str = "texts")
     )
     corpus = Corpus(docs=docs, source=data.source)
     qrels: dict[str, dict[str, int]] = {}
+    query_docs: dict[str, str] | None = None  # rows: query id -> id of its own text
     rows = data.rows
 
     def judge(query: str, relevant: str) -> None:
         if query != relevant:
             qrels.setdefault(ids[query], {})[ids[relevant]] = 1
 
-    if data.kind == "pairs":
+    if data.kind == "pairs" and queries == "rows":
+        query_docs = {}
+        duplicates = rows.loc[rows["label"] == 1, ["text1", "text2"]]
+        for row, (text1, text2) in zip(duplicates.index, duplicates.itertuples(index=False), strict=True):
+            if text1 != text2:
+                qrels[f"row{row}"] = {ids[text2]: 1}
+                query_docs[f"row{row}"] = ids[text1]
+    elif data.kind == "pairs":
         for text1, text2 in rows.loc[rows["label"] == 1, ["text1", "text2"]].itertuples(index=False):
             judge(text1, text2)
     elif data.kind == "groups":
@@ -334,14 +342,6 @@ def build_eval_set(data: LabelledData, *, seed: int = 0, queries: str = "texts")
             "pair labelled 1, one group of two texts, or one (query, positive) row",
         )
     text_of = dict(zip(docs["doc_id"], docs["text"], strict=True))
-    query_docs = None
-    if queries == "rows":
-        qrels, query_docs = {}, {}
-        duplicates = rows.loc[rows["label"] == 1, ["text1", "text2"]]
-        for row, (text1, text2) in zip(duplicates.index, duplicates.itertuples(index=False), strict=True):
-            if text1 != text2:
-                qrels[f"row{row}"] = {ids[text2]: 1}
-                query_docs[f"row{row}"] = ids[text1]
     own = query_docs or {q: q for q in qrels}  # query id -> id of its own text
     table = pd.DataFrame({"query_id": list(qrels), "text": [text_of[own[q]] for q in qrels]})
     retrieval = BeirData(corpus=corpus, queries=table, qrels=qrels, folder=data.source, split="eval")
