@@ -32,6 +32,7 @@ Nothing is trained. Writes benchmarks/results/quora_misses.json (and the sample 
 from __future__ import annotations
 
 import csv
+import io
 import sys
 import time
 from pathlib import Path
@@ -76,11 +77,11 @@ def main() -> None:
     from rich.console import Console
 
     from finetune.supervised import TrainSettings
-    from tasks.corpus import LabelledData, read_labelled_pairs
+    from tasks.corpus import read_labelled_pairs
     from tasks.evaluate import aggregate, encode_texts, score_run
-    from tasks.labelled import build_eval_set, row_components, search_eval_set
+    from tasks.labelled import build_eval_set, duplicate_groups, search_eval_set
     from tasks.models import load_sentence_transformer
-    from tasks.store import write_json_atomic
+    from tasks.store import write_json_atomic, write_text_atomic
 
     console = Console()
     start = time.time()
@@ -91,14 +92,12 @@ def main() -> None:
     id_of = {text: doc_id for doc_id, text in text_of.items()}
 
     rows = test.rows
-    duplicates = rows[rows["label"] == 1]
-    component = {}  # text id -> duplicate component, through label-1 rows only
-    for (text1, text2), group in zip(
-        duplicates[["text1", "text2"]].itertuples(index=False),
-        row_components(LabelledData("pairs", duplicates, test.source)),
-        strict=True,
+    component = {}  # text id -> duplicate group, through label-1 rows only
+    for text1, text2, label, group in zip(
+        rows["text1"], rows["text2"], rows["label"], duplicate_groups(test), strict=True
     ):
-        component[id_of[text1]] = component[id_of[text2]] = int(group)
+        if label == 1:
+            component[id_of[text1]] = component[id_of[text2]] = int(group)
     non_duplicates: dict[str, set[str]] = {}
     for text1, text2 in rows.loc[rows["label"] == 0, ["text1", "text2"]].itertuples(index=False):
         non_duplicates.setdefault(id_of[text1], set()).add(id_of[text2])
@@ -113,12 +112,10 @@ def main() -> None:
 
     kinds = ("hit", "labelled_duplicate", "labelled_non_duplicate", "unlabelled")
     by_kind: dict[str, list[str]] = {kind: [] for kind in kinds}
-    top_of: dict[str, str] = {}
+    ranked = {q: sorted(run.get(q, {}), key=lambda doc: -run[q][doc]) for q in qrels}  # best first
     for query in qrels:
         own = eval_set.query_doc(query)
-        ranked = sorted(run.get(query, {}).items(), key=lambda item: -item[1])
-        top = ranked[0][0]
-        top_of[query] = top
+        top = ranked[query][0]
         if top in qrels[query]:
             kind = "hit"
         elif top in component and component.get(top) == component.get(own):
@@ -153,22 +150,20 @@ def main() -> None:
     for i in chosen:
         query = unlabelled[i]
         relevant = next(iter(qrels[query]))
-        rank = 1 + [d for d, _ in sorted(run[query].items(), key=lambda x: -x[1])].index(relevant) \
-            if relevant in run[query] else None
         sample.append({
             "query_id": query,
-            "rank": rank if rank else ">10",
+            "rank": 1 + ranked[query].index(relevant) if relevant in ranked[query] else ">10",
             "query": text_of[eval_set.query_doc(query)],
-            "top1": text_of[top_of[query]],
+            "top1": text_of[ranked[query][0]],
             "relevant": text_of[relevant],
             "top1_is_duplicate": "",
             "duplicates_above": "",
         })
-    args.sample_output.parent.mkdir(parents=True, exist_ok=True)
-    with args.sample_output.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, SAMPLE_COLUMNS, delimiter="\t")
-        writer.writeheader()
-        writer.writerows(sample)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, SAMPLE_COLUMNS, delimiter="\t")
+    writer.writeheader()
+    writer.writerows(sample)
+    write_text_atomic(args.sample_output, table.getvalue())
 
     result = {
         "model": args.model,
@@ -200,19 +195,26 @@ def judged_estimate(path, sample, reciprocal, by_kind, n, mrr, gap) -> dict:
     import numpy as np
     from scipy.stats import binomtest, bootstrap
 
+    judged, line_of = {}, {}
     with path.open(encoding="utf-8", newline="") as handle:
-        judged = {row["query_id"]: row for row in csv.DictReader(handle, delimiter="\t")}
+        reader = csv.DictReader(handle, delimiter="\t")
+        missing = {"query_id", "top1_is_duplicate", "duplicates_above"} - set(reader.fieldnames or ())
+        if missing:
+            raise SystemExit(f"{path}:1: the header lacks {sorted(missing)}; expected the columns {SAMPLE_COLUMNS}")
+        for row in reader:
+            judged[row["query_id"]], line_of[row["query_id"]] = row, reader.line_num
     drawn = [row["query_id"] for row in sample]
     if sorted(judged) != sorted(drawn):
         return {"file": shown(path), "skipped": "its query ids are not this run's sample (another model, data "
                 "or --sample): judge the new sample file and pass it as --judged"}
-    answers = {q: judged[q]["top1_is_duplicate"].strip().lower() for q in drawn}
-    bad = [q for q, a in answers.items() if a not in ("y", "n")]
-    above = {q: judged[q].get("duplicates_above", "").strip() for q in drawn}
-    bad += [q for q, a in above.items() if not a.isdigit()]
-    if bad:
-        raise SystemExit(f"{path}: top1_is_duplicate must be y or n and duplicates_above a count; rows "
-                         f"{bad[:5]} are not")
+    answers = {q: (judged[q]["top1_is_duplicate"] or "").strip().lower() for q in drawn}
+    above = {q: (judged[q]["duplicates_above"] or "").strip() for q in drawn}
+    for q in drawn:
+        if answers[q] not in ("y", "n") or not above[q].isdigit():
+            raise SystemExit(
+                f"{path}:{line_of[q]}: expected top1_is_duplicate y or n and duplicates_above a count "
+                f"(0-10), found {judged[q]['top1_is_duplicate']!r} and {judged[q]['duplicates_above']!r}"
+            )
     duplicates = sum(a == "y" for a in answers.values())
     interval = binomtest(duplicates, len(drawn)).proportion_ci(method="wilson")
     # Per judged miss: what moving its relevant question up to just below the query's real duplicates

@@ -87,8 +87,12 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_parquet_atomic(path: Path, table: pa.Table) -> None:
