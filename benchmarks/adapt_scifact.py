@@ -26,40 +26,60 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "scifact")
-    parser.add_argument("--workspace", type=Path, default=Path("/tmp/adapt-scifact-benchmark"),
-                        help="scratch workspace, emptied first so every stage runs from scratch")
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        default=Path("/tmp/adapt-scifact-benchmark"),
+        help="scratch workspace, emptied first so every stage runs from scratch",
+    )
     parser.add_argument("--train-minutes", type=float, default=20.0, help="training time budget")
-    parser.add_argument("--max-steps", type=int, default=400, help="planned optimizer steps (LR schedule length)")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the workspace's finished stages (debugging; the timings then are not a full run)")
+    parser.add_argument(
+        "--max-steps", type=int, default=400, help="planned optimizer steps (LR schedule length)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the workspace's finished stages (debugging; the timings then are not a full run)",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "adapt_scifact.json")
     args = parser.parse_args()
 
     from rich.console import Console
 
-    from flows.adapt_text import PRESETS, AdaptTextConfig, adapt_text_flow
-    from tasks.store import write_json_atomic
+    from flows.adapt_text import AdaptTextConfig, adapt_text_flow
+    from tasks.core.store import write_json_atomic
 
     if not args.resume:
         shutil.rmtree(args.workspace, ignore_errors=True)
     settings = {
-        **PRESETS["offline"],
         "corpus": str(args.data),
         "eval": str(args.data),
         "eval_split": "test",
         "workspace": str(args.workspace),
-        "train": {"time_budget_minutes": args.train_minutes, "max_steps": args.max_steps, "max_seq_length": 128},
+        "train": {
+            "time_budget_minutes": args.train_minutes,
+            "max_steps": args.max_steps,
+            "max_seq_length": 128,
+        },
     }
     config = AdaptTextConfig.model_validate(settings)
     start = time.time()
     report = adapt_text_flow(config)
     total = round(time.time() - start, 1)
     Console().print(report["markdown"])
-    stages = {name: {**stage, "items_per_second": round(stage["items"] / stage["seconds"], 2)
-                     if stage.get("items") and stage["seconds"] else None}
-              for name, stage in report["stages"].items()}
+    stages = {
+        name: {
+            **stage,
+            "items_per_second": round(stage["items"] / stage["seconds"], 2)
+            if stage.get("items") and stage["seconds"]
+            else None,
+        }
+        for name, stage in report["stages"].items()
+    }
     result = {
         "ndcg@10_before": round(report["ndcg@10_before"], 4),
         "ndcg@10_after": round(report["ndcg@10_after"], 4),
@@ -81,8 +101,10 @@ def main() -> None:
         "machine": {"cpus": 2, "python": platform.python_version()},
     }
     write_json_atomic(args.output, result)
-    print(f"nDCG@10 before {result['ndcg@10_before']:.4f}  after {result['ndcg@10_after']:.4f}  "
-          f"total {total / 60:.1f} min  ->  {args.output}")
+    print(
+        f"nDCG@10 before {result['ndcg@10_before']:.4f}  after {result['ndcg@10_after']:.4f}  "
+        f"total {total / 60:.1f} min  ->  {args.output}"
+    )
 
 
 if __name__ == "__main__":

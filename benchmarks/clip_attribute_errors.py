@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.clip_fashion import FASHION_DATA, HOLDOUT_FRACTION  # noqa: E402
+from benchmarks.clip_fashion import FASHION_DATA, HELDOUT_FRACTION  # noqa: E402
 from tasks import _env  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +31,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=FASHION_DATA)
-    parser.add_argument("--benchmark", type=Path, default=ROOT / "benchmarks" / "results" / "clip_fashion.json")
-    parser.add_argument("--model", type=Path, help="a saved catalog encoder (default: the benchmark's model_dir)")
+    parser.add_argument(
+        "--benchmark", type=Path, default=ROOT / "benchmarks" / "results" / "clip_fashion.json"
+    )
+    parser.add_argument(
+        "--model", type=Path, help="a saved catalog encoder (default: the benchmark's model_dir)"
+    )
     parser.add_argument("--workspace", type=Path, default=ROOT / "adapt-workspace" / "benchmark-clip")
     parser.add_argument(
         "--output", type=Path, default=ROOT / "benchmarks" / "results" / "clip_attribute_errors.json"
@@ -42,16 +46,19 @@ def main() -> None:
     import numpy as np
     from rich.console import Console
 
-    from tasks.evaluate import catalog_eval_set, exact_index, score_run, search_index
-    from tasks.image_text import cached_text_embeddings, load_catalog_encoder
-    from tasks.pairs import holdout_mask, load_pairs, pairs_stage
-    from tasks.store import write_json_atomic
+    from tasks.catalog.encoders import cached_text_embeddings, load_catalog_encoder
+    from tasks.catalog.evaluation import catalog_eval_set
+    from tasks.catalog.pairs import load_pairs, pairs_stage
+    from tasks.core.evaluation import score_run
+    from tasks.core.heldout import heldout_mask
+    from tasks.core.index import exact_index, search_index
+    from tasks.core.store import write_json_atomic
 
     console = Console()
     benchmark = json.loads(args.benchmark.read_text())
     model_dir = args.model or Path(benchmark["model_dir"])
     pairs = load_pairs(pairs_stage(args.data / "styles.csv", args.workspace, image_size=(80, 60)))
-    held_out = pairs.subset(holdout_mask(pairs.ids, HOLDOUT_FRACTION, salt="holdout"))
+    held_out = pairs.subset(heldout_mask(pairs.ids, HELDOUT_FRACTION, salt="holdout"))
     eval_set = catalog_eval_set(held_out)
     fields_of = dict(zip(eval_set.doc_ids, held_out.attributes(), strict=True))
 
@@ -88,9 +95,9 @@ def main() -> None:
                 hits = list(run[query])
                 shares.append(np.mean([value(h, field) == wanted for h in hits]) if hits else 0.0)
             agreement[field] = round(float(np.mean(shares)), 4)
-        all_three = float(np.mean([
-            np.mean([h in eval_set.attribute_qrels[q] for h in run[q]]) for q in query_ids
-        ]))
+        all_three = float(
+            np.mean([np.mean([h in eval_set.attribute_qrels[q] for h in run[q]]) for q in query_ids])
+        )
         buckets = {}
         for low, high in BUCKETS:
             chosen = {q: v for q, v in per_query.items() if low <= len(eval_set.attribute_qrels[q]) <= high}

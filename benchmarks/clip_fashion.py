@@ -30,7 +30,7 @@ from tasks import _env  # noqa: F401,E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_DATA = ROOT.parent / "shared" / "data" / "fashion-product-images-small"
-HOLDOUT_FRACTION = 0.12
+HELDOUT_FRACTION = 0.12
 VALIDATION_FRACTION = 0.12  # of the training products, for choosing settings (--tune)
 SHOWCASE = ["navy blue men shirt", "women red handbag", "black sports shoes for men", "white watch"]
 
@@ -73,17 +73,14 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from finetune.clip import ClipTrainConfig, caption_views, tower_config, train_catalog_encoder
-    from tasks.catalog_report import (
-        grid_rows,
-        image_grid_png,
-        pick_showcase_queries,
-        search_texts,
-    )
-    from tasks.evaluate import catalog_eval_set, catalog_metrics_markdown, evaluate_catalog_encoder
-    from tasks.image_text import cached_text_embeddings, initial_encoder, load_catalog_encoder
-    from tasks.pairs import holdout_mask, load_pairs, pairs_stage
-    from tasks.store import stage_key, write_json_atomic
+    from finetune.clip.config import ClipTrainConfig
+    from finetune.clip.stage import caption_views, tower_config, train_catalog_encoder
+    from tasks.catalog.encoders import cached_text_embeddings, initial_encoder, load_catalog_encoder
+    from tasks.catalog.evaluation import catalog_eval_set, catalog_metrics_markdown, evaluate_catalog_encoder
+    from tasks.catalog.pairs import load_pairs, pairs_stage
+    from tasks.catalog.report import grid_rows, image_grid_png, pick_showcase_queries, search_texts
+    from tasks.core.heldout import heldout_mask
+    from tasks.core.store import stage_key, write_json_atomic
 
     console = Console()
     load_start = os.getloadavg()
@@ -93,7 +90,7 @@ def main() -> None:
 
     ref = pairs_stage(args.data / "styles.csv", args.workspace, image_size=(80, 60))
     pairs = load_pairs(ref)
-    held_out = holdout_mask(pairs.ids, HOLDOUT_FRACTION, salt="holdout")
+    held_out = heldout_mask(pairs.ids, HELDOUT_FRACTION, salt="holdout")
     if args.tune:
         validation = validation_mask(pairs.ids)
         train, evaluation = pairs.subset(~held_out & ~validation), pairs.subset(validation)
@@ -196,7 +193,7 @@ def main() -> None:
         },
         "split": {
             "by": "sha256 of salt + product id",
-            "holdout_fraction": HOLDOUT_FRACTION,
+            "holdout_fraction": HELDOUT_FRACTION,
             "validation_fraction": VALIDATION_FRACTION if args.tune else None,
         },
         "queries": {
@@ -235,10 +232,11 @@ def main() -> None:
 
 def validation_mask(ids):
     """The validation slice that chooses settings: a salted-hash share of the products that are not held out."""
-    from tasks.pairs import holdout_mask
+    from tasks.core.heldout import heldout_mask
 
-    return ~holdout_mask(ids, HOLDOUT_FRACTION, salt="holdout") & holdout_mask(
-        ids, VALIDATION_FRACTION, salt="validation")
+    return ~heldout_mask(ids, HELDOUT_FRACTION, salt="holdout") & heldout_mask(
+        ids, VALIDATION_FRACTION, salt="validation"
+    )
 
 
 def _parse(text: str):

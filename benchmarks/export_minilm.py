@@ -20,21 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("/tmp/export-minilm-benchmark"))
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "export_minilm.json")
     args = parser.parse_args()
 
-    from tasks.export import export_onnx
-    from tasks.models import resolve_model
-    from tasks.store import write_json_atomic
+    from tasks.core.models import resolve_model
+    from tasks.core.store import write_json_atomic
+    from tasks.serving.export import export_onnx
 
     shutil.rmtree(args.output_dir, ignore_errors=True)
     summary = export_onnx(resolve_model("all-MiniLM-L6-v2").path, args.output_dir, int8=True)
     result = {
         "fp32_min_cosine": summary["fp32"]["min_cosine"],
         "int8_min_cosine": summary["int8"]["min_cosine"],
-        **{k: summary[k] for k in ("pytorch", "fp32", "int8", "texts", "max_seq_length", "min_cosine_required")},
+        **{
+            k: summary[k]
+            for k in ("pytorch", "fp32", "int8", "texts", "max_seq_length", "min_cosine_required")
+        },
         "machine": {"cpus": 2, "python": platform.python_version()},
     }
     write_json_atomic(args.output, result)

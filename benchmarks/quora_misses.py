@@ -77,11 +77,14 @@ def main() -> None:
     from rich.console import Console
 
     from finetune.supervised import TrainSettings
-    from tasks.corpus import read_labelled_pairs
-    from tasks.evaluate import aggregate, encode_texts, score_run
-    from tasks.labelled import build_eval_set, duplicate_groups, search_eval_set
-    from tasks.models import load_sentence_transformer
-    from tasks.store import write_json_atomic, write_text_atomic
+    from tasks.core.embeddings import encode_texts
+    from tasks.core.evaluation import aggregate, score_run
+    from tasks.core.models import load_sentence_transformer
+    from tasks.core.store import write_json_atomic, write_text_atomic
+    from tasks.labelled.eval_set import build_eval_set
+    from tasks.labelled.evaluation import search_eval_set
+    from tasks.labelled.readers import read_labelled_pairs
+    from tasks.labelled.splits import duplicate_groups
 
     console = Console()
     start = time.time()
@@ -134,10 +137,13 @@ def main() -> None:
         counts = partners.setdefault(eval_set.query_doc(query), {})
         for doc in judged:
             counts[doc] = counts.get(doc, 0) + 1
-    ceiling = sum(
-        sum(c / j for j, c in enumerate(sorted(counts.values(), reverse=True), start=1))
-        for counts in partners.values()
-    ) / n
+    ceiling = (
+        sum(
+            sum(c / j for j, c in enumerate(sorted(counts.values(), reverse=True), start=1))
+            for counts in partners.values()
+        )
+        / n
+    )
 
     def gap(queries: list[str]) -> float:
         """MRR@10 gained if each of these queries had its relevant question at rank 1."""
@@ -150,15 +156,17 @@ def main() -> None:
     for i in chosen:
         query = unlabelled[i]
         relevant = next(iter(qrels[query]))
-        sample.append({
-            "query_id": query,
-            "rank": 1 + ranked[query].index(relevant) if relevant in ranked[query] else ">10",
-            "query": text_of[eval_set.query_doc(query)],
-            "top1": text_of[ranked[query][0]],
-            "relevant": text_of[relevant],
-            "top1_is_duplicate": "",
-            "duplicates_above": "",
-        })
+        sample.append(
+            {
+                "query_id": query,
+                "rank": 1 + ranked[query].index(relevant) if relevant in ranked[query] else ">10",
+                "query": text_of[eval_set.query_doc(query)],
+                "top1": text_of[ranked[query][0]],
+                "relevant": text_of[relevant],
+                "top1_is_duplicate": "",
+                "duplicates_above": "",
+            }
+        )
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, SAMPLE_COLUMNS, delimiter="\t")
     writer.writeheader()
@@ -200,13 +208,18 @@ def judged_estimate(path, sample, reciprocal, by_kind, n, mrr, gap) -> dict:
         reader = csv.DictReader(handle, delimiter="\t")
         missing = {"query_id", "top1_is_duplicate", "duplicates_above"} - set(reader.fieldnames or ())
         if missing:
-            raise SystemExit(f"{path}:1: the header lacks {sorted(missing)}; expected the columns {SAMPLE_COLUMNS}")
+            raise SystemExit(
+                f"{path}:1: the header lacks {sorted(missing)}; expected the columns {SAMPLE_COLUMNS}"
+            )
         for row in reader:
             judged[row["query_id"]], line_of[row["query_id"]] = row, reader.line_num
     drawn = [row["query_id"] for row in sample]
     if sorted(judged) != sorted(drawn):
-        return {"file": shown(path), "skipped": "its query ids are not this run's sample (another model, data "
-                "or --sample): judge the new sample file and pass it as --judged"}
+        return {
+            "file": shown(path),
+            "skipped": "its query ids are not this run's sample (another model, data "
+            "or --sample): judge the new sample file and pass it as --judged",
+        }
     answers = {q: (judged[q]["top1_is_duplicate"] or "").strip().lower() for q in drawn}
     above = {q: (judged[q]["duplicates_above"] or "").strip() for q in drawn}
     for q in drawn:

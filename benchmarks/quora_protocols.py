@@ -46,23 +46,27 @@ def main() -> None:
         metavar="[LABEL=]MODEL",
         help="a model name or directory, optionally labelled; repeatable (default: all-MiniLM-L6-v2)",
     )
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "quora_protocols.json")
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "benchmarks" / "results" / "quora_protocols.json"
+    )
     args = parser.parse_args()
 
     from rich.console import Console
 
     from finetune.supervised import TrainSettings
-    from tasks.corpus import read_labelled_pairs
-    from tasks.evaluate import aggregate, encode_texts, score_run
-    from tasks.labelled import build_eval_set, search_eval_set
-    from tasks.models import load_sentence_transformer
-    from tasks.store import write_json_atomic
+    from tasks.core.embeddings import encode_texts
+    from tasks.core.evaluation import aggregate, score_run
+    from tasks.core.models import load_sentence_transformer
+    from tasks.core.store import write_json_atomic
+    from tasks.labelled.eval_set import build_eval_set
+    from tasks.labelled.evaluation import search_eval_set
+    from tasks.labelled.readers import read_labelled_pairs
 
     console = Console()
     start = time.time()
     test = read_labelled_pairs(args.data / "test.tsv")
     rows = test.rows.reset_index(drop=True)
-    eval_sets = {  # the two readings over distinct texts, as tasks.labelled builds them
+    eval_sets = {  # the two readings over distinct texts, as tasks.labelled.eval_set builds them
         "distinct_texts": build_eval_set(test),
         "rows_over_distinct_texts": build_eval_set(test, queries="rows"),
     }
@@ -85,7 +89,9 @@ def main() -> None:
                 qrels, run, n_docs = slot_run(vectors, distinct, rows, duplicates)
             metrics = aggregate(score_run(qrels, run, MEASURES))
             scores[label][protocol] = {
-                "queries": len(qrels), "corpus": n_docs, **{k: round(v, 4) for k, v in metrics.items()}
+                "queries": len(qrels),
+                "corpus": n_docs,
+                **{k: round(v, 4) for k, v in metrics.items()},
             }
         console.print(label, scores[label])
     result = {
@@ -107,9 +113,9 @@ def slot_counts(rows):
 
 
 def slot_run(vectors, distinct, rows, duplicates):
-    """qrels, run and corpus size of the `question_slots` reading, which tasks.labelled does not build
+    """qrels, run and corpus size of the `question_slots` reading, which tasks.labelled.eval_set does not build
     (it indexes each distinct text once): every slot is a document, its vector its text's vector."""
-    from tasks.evaluate import exact_index, search_index
+    from tasks.core.index import exact_index, search_index
 
     row_of = {text: i for i, text in enumerate(distinct)}
     slot_ids, slot_rows = [], []
@@ -117,9 +123,14 @@ def slot_run(vectors, distinct, rows, duplicates):
         slot_ids += [f"r{r}q1", f"r{r}q2"]
         slot_rows += [row_of[text1], row_of[text2]]
     qrels = {f"r{r}q1": {f"r{r}q2": 1} for r in duplicates.index}
-    run = search_index(exact_index(vectors[slot_rows]), slot_ids, list(qrels),
-                       vectors[[row_of[t] for t in duplicates["text1"]]], top_k=10,
-                       exclude={q: {q} for q in qrels})
+    run = search_index(
+        exact_index(vectors[slot_rows]),
+        slot_ids,
+        list(qrels),
+        vectors[[row_of[t] for t in duplicates["text1"]]],
+        top_k=10,
+        exclude={q: {q} for q in qrels},
+    )
     return qrels, run, len(slot_ids)
 
 

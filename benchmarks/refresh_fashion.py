@@ -41,22 +41,32 @@ def _write(rows: list[dict], path: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion-product-images-small")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion-product-images-small"
+    )
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/refresh-fashion-benchmark"))
     parser.add_argument("--fraction", type=float, default=0.01, help="share of products added, and changed")
-    parser.add_argument("--train-minutes", type=float, default=None,
-                        help="training budget of each run (default: the flow's, as the nightly deployment runs it)")
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=None,
+        help="training budget of each run (default: the flow's, as the nightly deployment runs it)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N products (smoke runs)")
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "refresh_fashion.json")
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "benchmarks" / "results" / "refresh_fashion.json"
+    )
     args = parser.parse_args()
 
     from rich.console import Console
     from rich.table import Table
 
     from flows.catalog_refresh import RefreshConfig, catalog_refresh_flow
-    from tasks.search import Searcher
-    from tasks.store import write_json_atomic
+    from tasks.core.store import write_json_atomic
+    from tasks.serving.search import Searcher
 
     shutil.rmtree(args.workspace, ignore_errors=True)
     args.workspace.mkdir(parents=True)
@@ -67,7 +77,7 @@ def main() -> None:
     rng = random.Random(13)
     count = max(1, int(round(len(rows) * args.fraction)))
     shuffled = rng.sample(range(len(rows)), len(rows))
-    new_positions, changed_positions = set(shuffled[:count]), set(shuffled[count:2 * count])
+    new_positions, changed_positions = set(shuffled[:count]), set(shuffled[count : 2 * count])
     base = [r for i, r in enumerate(rows) if i not in new_positions]
     catalog = args.workspace / "styles.csv"
     settings = {"catalog": str(catalog), "workspace": str(args.workspace / "ws")}
@@ -93,7 +103,9 @@ def main() -> None:
 
     searcher = Searcher(config.workspace, config.model_name)
     new_rows = [rows[i] for i in sorted(new_positions)]
-    found = sum(1 for r in new_rows if r["id"] in {h.doc_id for h in searcher.search(r["productDisplayName"], k=10)})
+    found = sum(
+        1 for r in new_rows if r["id"] in {h.doc_id for h in searcher.search(r["productDisplayName"], k=10)}
+    )
     indexed = searcher.index.ntotal
     result = {
         "full_seconds": full_seconds,
@@ -109,20 +121,41 @@ def main() -> None:
         "unchanged_first_encoded": refresh.get("unchanged_first_encoded"),
         "catalog_texts_encoded_in_refresh": refresh.get("encoded"),
         "refresh_trained_towers": (refresh.get("train") or {}).get("towers"),
-        "full": {k: full.get(k) for k in ("ndcg@10_before", "ndcg@10_after", "promoted", "decision", "train",
-                                           "stages", "serving")},
-        "refresh": {k: refresh.get(k) for k in ("ndcg@10_before", "ndcg@10_after", "promoted", "decision", "train",
-                                                 "stages", "serving", "queries_generated_for")},
+        "full": {
+            k: full.get(k)
+            for k in ("ndcg@10_before", "ndcg@10_after", "promoted", "decision", "train", "stages", "serving")
+        },
+        "refresh": {
+            k: refresh.get(k)
+            for k in (
+                "ndcg@10_before",
+                "ndcg@10_after",
+                "promoted",
+                "decision",
+                "train",
+                "stages",
+                "serving",
+                "queries_generated_for",
+            )
+        },
         "settings": config.model_dump(mode="json", exclude={"catalog", "workspace"}),
         "machine": {"cpus": 2, "python": platform.python_version()},
     }
     table = Table("run", "seconds", "trained", "nDCG@10 before", "nDCG@10 after", "promoted")
     for name, run, seconds in (("full", full, full_seconds), ("refresh", refresh, refresh_seconds)):
-        table.add_row(name, f"{seconds:.0f}", str(run.get("trained")), f"{run.get('ndcg@10_before', 0):.4f}",
-                      f"{run.get('ndcg@10_after', 0):.4f}", str(run.get("promoted")))
+        table.add_row(
+            name,
+            f"{seconds:.0f}",
+            str(run.get("trained")),
+            f"{run.get('ndcg@10_before', 0):.4f}",
+            f"{run.get('ndcg@10_after', 0):.4f}",
+            str(run.get("promoted")),
+        )
     Console().print(table)
-    print(f"refresh/full = {result['refresh_share_of_full']:.1%} (target <= 5%); recomputed unchanged: "
-          f"{result['recomputed_unchanged']}; new products found by name: {found}/{len(new_rows)}")
+    print(
+        f"refresh/full = {result['refresh_share_of_full']:.1%} (target <= 5%); recomputed unchanged: "
+        f"{result['recomputed_unchanged']}; new products found by name: {found}/{len(new_rows)}"
+    )
     write_json_atomic(args.output, result)
     print(f"wrote {args.output}")
 

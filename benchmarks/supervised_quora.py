@@ -40,8 +40,12 @@ SEED = 0
 def quora_parser(doc: str) -> argparse.ArgumentParser:
     """The argument parser of the Quora benchmarks: the script's docstring as help, and --data."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "quora-question-pairs",
-                        help="the folder of dev.tsv and test.tsv (default: %(default)s)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "quora-question-pairs",
+        help="the folder of dev.tsv and test.tsv (default: %(default)s)",
+    )
     return parser
 
 
@@ -96,11 +100,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from finetune.search import SearchSettings, run_search, trials_markdown
+    from finetune.hparam_search import SearchSettings, run_search, trials_markdown
     from finetune.supervised import TrainSettings, train_supervised
-    from tasks.corpus import read_labelled_pairs
-    from tasks.labelled import build_eval_set, evaluate_labelled, shared_texts, split_no_shared_text
-    from tasks.store import stage_key, write_json_atomic
+    from tasks.core.store import stage_key, write_json_atomic
+    from tasks.labelled.eval_set import build_eval_set
+    from tasks.labelled.evaluation import evaluate_labelled
+    from tasks.labelled.readers import read_labelled_pairs
+    from tasks.labelled.splits import shared_texts, split_no_shared_text
 
     console = Console()
     load_start = os.getloadavg()

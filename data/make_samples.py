@@ -77,7 +77,9 @@ def quora(shared: Path, out: Path, n_pairs: int = 1000) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared" / "data")
     args = parser.parse_args()
     scifact(args.shared, HERE / "scifact-sample")

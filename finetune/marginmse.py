@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks import _env  # noqa: F401
-from tasks.store import write_json_atomic
+from tasks.core.store import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +40,38 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: float = Field(1.0, gt=0, description="passes over the training rows (ignored when max-steps is set)")
+    epochs: float = Field(
+        1.0, gt=0, description="passes over the training rows (ignored when max-steps is set)"
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    time_budget_minutes: float | None = Field(None, gt=0, description="stop (and keep the model) after this many "
-                                                                       "minutes of training")
+    time_budget_minutes: float | None = Field(
+        None, gt=0, description="stop (and keep the model) after this many minutes of training"
+    )
     batch_size: int = Field(16, ge=1, description="queries per optimizer step (each with its negatives)")
     negatives_per_query: int = Field(4, ge=1, le=64, description="negatives per query in one training row")
     learning_rate: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warm-up")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
-    max_seq_length: int = Field(128, ge=8, le=8192, description="tokens kept per passage in training (128 costs "
-                                                                 "half the time per step of 256 on a CPU)")
-    label_scale: float | None = Field(None, gt=0, description="multiplier from teacher margins to student cosine "
-                                                              "margins (none: fitted on the data)")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of query rows held out for the eval loss")
-    eval_max_rows: int = Field(256, ge=1, description="most query rows held out for the eval loss (each "
-                                                       "evaluation encodes all of them: it costs training time)")
+    max_seq_length: int = Field(
+        128,
+        ge=8,
+        le=8192,
+        description="tokens kept per passage in training (128 costs half the time per step of 256 on a CPU)",
+    )
+    label_scale: float | None = Field(
+        None,
+        gt=0,
+        description="multiplier from teacher margins to student cosine margins (none: fitted on the data)",
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="share of query rows held out for the eval loss"
+    )
+    eval_max_rows: int = Field(
+        256,
+        ge=1,
+        description="most query rows held out for the eval loss (each "
+        "evaluation encodes all of them: it costs training time)",
+    )
     eval_steps: int = Field(50, ge=1, description="evaluate the held-out loss every this many steps")
     save_steps: int = Field(50, ge=1, description="checkpoint every this many steps (a rerun resumes there)")
     logging_steps: int = Field(10, ge=1, description="record the training loss every this many steps")
@@ -73,6 +89,39 @@ class TrainingRows:
 
     def __len__(self) -> int:
         return len(self.queries)
+
+    @classmethod
+    def from_table(cls, table: Any) -> TrainingRows:
+        """From a table with ``query``, ``positive``, ``negatives`` and ``margins`` columns (what
+        :func:`tasks.text.pipeline.training_table` builds from the labels stage)."""
+        return cls(
+            list(table["query"]),
+            list(table["positive"]),
+            [list(n) for n in table["negatives"]],
+            [[float(m) for m in margins] for margins in table["margins"]],
+        )
+
+
+def cached_student_margins(
+    query_cache: Any, doc_cache: Any | None = None
+) -> Callable[[TrainingRows, list[int]], np.ndarray]:
+    """The start model's margins for ``student_margins``, from embedding caches (``embed(texts)``).
+
+    Queries come from ``query_cache``, passages from ``doc_cache`` (default: the same), for a student
+    that keeps another model's document embeddings. Nothing already cached is encoded again.
+    """
+    doc_cache = doc_cache or query_cache
+
+    def margins(rows: TrainingRows, indices: list[int]) -> np.ndarray:
+        out = []
+        for i in indices:
+            query = query_cache.embed([rows.queries[i]])[0]
+            positive = doc_cache.embed([rows.positives[i]])[0]
+            negatives = doc_cache.embed(rows.negatives[i])
+            out.append(query @ positive - negatives @ query)
+        return np.concatenate(out)
+
+    return margins
 
 
 @dataclass
@@ -193,7 +242,7 @@ def train_marginmse(
     from sentence_transformers.sentence_transformer.losses import MarginMSELoss
     from transformers.trainer_utils import get_last_checkpoint
 
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     if len(rows) < 2:
         raise ValueError(f"need at least 2 training rows, got {len(rows)}")
@@ -210,7 +259,9 @@ def train_marginmse(
     n_eval = min(n_eval, config.eval_max_rows, len(rows) - 1)
     eval_idx, train_idx = order[:n_eval], order[n_eval:]
 
-    model = base_model if isinstance(base_model, SentenceTransformer) else load_sentence_transformer(base_model)
+    model = (
+        base_model if isinstance(base_model, SentenceTransformer) else load_sentence_transformer(base_model)
+    )
     model.max_seq_length = config.max_seq_length
     scale = config.label_scale or _fit_scale(model, rows, train_idx, student_margins, rng)
     log.info("label scale (teacher margin -> student cosine margin): %.5f", scale)
@@ -261,8 +312,10 @@ def train_marginmse(
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - start
     _save_model(model, output_dir, final_dir)
-    history = [{k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
-               for entry in trainer.state.log_history]
+    history = [
+        {k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
+        for entry in trainer.state.log_history
+    ]
     result = TrainResult(
         model_dir=final_dir,
         steps=int(trainer.state.global_step),
@@ -296,16 +349,24 @@ def _save_model(model: Any, output_dir: Path, final_dir: Path) -> None:
     staging.rename(final_dir)
 
 
-def _fit_scale(model: Any, rows: TrainingRows, indices: list[int],
-               student_margins: Callable[[TrainingRows, list[int]], np.ndarray] | None,
-               rng: np.random.Generator) -> float:
+def _fit_scale(
+    model: Any,
+    rows: TrainingRows,
+    indices: list[int],
+    student_margins: Callable[[TrainingRows, list[int]], np.ndarray] | None,
+    rng: np.random.Generator,
+) -> float:
     sample = sorted(rng.choice(indices, size=min(256, len(indices)), replace=False).tolist())
     teacher = np.concatenate([np.asarray(rows.margins[i], dtype=np.float64) for i in sample])
     if student_margins is not None:
         student = np.asarray(student_margins(rows, sample), dtype=np.float64).ravel()
     else:
-        queries = model.encode([rows.queries[i] for i in sample], normalize_embeddings=True, convert_to_numpy=True)
-        positives = model.encode([rows.positives[i] for i in sample], normalize_embeddings=True, convert_to_numpy=True)
+        queries = model.encode(
+            [rows.queries[i] for i in sample], normalize_embeddings=True, convert_to_numpy=True
+        )
+        positives = model.encode(
+            [rows.positives[i] for i in sample], normalize_embeddings=True, convert_to_numpy=True
+        )
         student_parts = []
         for k, i in enumerate(sample):
             negs = model.encode(rows.negatives[i], normalize_embeddings=True, convert_to_numpy=True)
@@ -338,7 +399,7 @@ def train_query_side(
     from torch.nn import functional as F
     from transformers import get_linear_schedule_with_warmup
 
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     if len(rows) < 2:
         raise ValueError(f"need at least 2 training rows, got {len(rows)}")
@@ -350,20 +411,32 @@ def train_query_side(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(rows)).tolist()
-    model = base_model if isinstance(base_model, SentenceTransformer) else load_sentence_transformer(base_model)
+    model = (
+        base_model if isinstance(base_model, SentenceTransformer) else load_sentence_transformer(base_model)
+    )
     model.max_seq_length = config.max_seq_length
     scale = config.label_scale or _fit_scale(model, rows, order, student_margins, rng)
     width = config.negatives_per_query
     # fixed passage vectors and scaled teacher margins, one row per query (negatives cycled to `width`)
     positives = np.asarray(document_vectors(rows.positives), dtype=np.float32)
-    negatives = np.stack([np.asarray(document_vectors([n[j % len(n)] for j in range(width)]), dtype=np.float32)
-                          for n in rows.negatives])
-    margins = np.asarray([[m[j % len(m)] * scale for j in range(width)] for m in rows.margins], dtype=np.float32)
+    negatives = np.stack(
+        [
+            np.asarray(document_vectors([n[j % len(n)] for j in range(width)]), dtype=np.float32)
+            for n in rows.negatives
+        ]
+    )
+    margins = np.asarray(
+        [[m[j % len(m)] * scale for j in range(width)] for m in rows.margins], dtype=np.float32
+    )
 
     steps_per_epoch = max(1, math.ceil(len(rows) / config.batch_size))
     max_steps = config.max_steps or max(1, int(round(steps_per_epoch * config.epochs)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(round(config.warmup_ratio * max_steps)), max_steps)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    schedule = get_linear_schedule_with_warmup(
+        optimizer, int(round(config.warmup_ratio * max_steps)), max_steps
+    )
     budget = (config.time_budget_minutes or math.inf) * 60.0
     history: list[dict[str, float]] = []
     model.train()
@@ -373,7 +446,7 @@ def train_query_side(
         if step and step % steps_per_epoch == 0:
             epoch_order = rng.permutation(len(rows)).tolist()
         first = (step % steps_per_epoch) * config.batch_size
-        batch = epoch_order[first:first + config.batch_size]
+        batch = epoch_order[first : first + config.batch_size]
         features = model.tokenize([rows.queries[i] for i in batch])
         query = F.normalize(model(dict(features))["sentence_embedding"], dim=-1)
         pos = torch.from_numpy(positives[batch])
@@ -386,8 +459,13 @@ def train_query_side(
         schedule.step()
         step += 1
         if step % config.logging_steps == 0 or step == max_steps:
-            history.append({"loss": float(loss.detach()), "step": float(step),
-                            "learning_rate": float(schedule.get_last_lr()[0])})
+            history.append(
+                {
+                    "loss": float(loss.detach()),
+                    "step": float(step),
+                    "learning_rate": float(schedule.get_last_lr()[0]),
+                }
+            )
         if progress:
             progress(step, max_steps)
         if time.time() - start > budget and step < max_steps:
@@ -396,8 +474,16 @@ def train_query_side(
     model.eval()
     seconds = time.time() - start
     _save_model(model, output_dir, final_dir)
-    result = TrainResult(model_dir=final_dir, steps=step, seconds=round(seconds, 1), label_scale=scale,
-                         train_rows=len(rows), eval_rows=0, resumed_from=None, stopped_early=stopped,
-                         history=history)
+    result = TrainResult(
+        model_dir=final_dir,
+        steps=step,
+        seconds=round(seconds, 1),
+        label_scale=scale,
+        train_rows=len(rows),
+        eval_rows=0,
+        resumed_from=None,
+        stopped_early=stopped,
+        history=history,
+    )
     write_json_atomic(done, {**asdict(result), "model_dir": str(final_dir)})
     return result

@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a bi-encoder from labels, with sentence-transformers' trainer and losses.
 
 Losses (all from sentence-transformers; any data layout feeds any loss through the views of
-``tasks.labelled``):
+``tasks.labelled.splits``):
 
 * ``mnrl``: MultipleNegativesRankingLoss on (anchor, positive[, negative]) rows, the other rows'
   positives as in-batch negatives;
@@ -36,15 +36,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.corpus import LabelledData
-from tasks.labelled import (
-    EvalSet,
-    LabelledReport,
-    evaluate_labelled,
-    labelled_pairs,
-    positive_pairs,
-    text_groups,
-)
+from tasks.labelled.eval_set import EvalSet
+from tasks.labelled.evaluation import LabelledReport, evaluate_labelled
+from tasks.labelled.readers import LabelledData
+from tasks.labelled.splits import labelled_pairs, positive_pairs, text_groups
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +344,7 @@ def train_supervised(
         SentenceTransformerTrainingArguments,
     )
 
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     output_dir = Path(output_dir)
     if output_dir.exists():

@@ -12,15 +12,22 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, get_run_logger, task
-from pydantic import BaseModel, ConfigDict, Field
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from finetune.clip import ClipTrainConfig, tower_config, train_stage
-from tasks.catalog_report import evaluate_catalog_model_task, publish_catalog_report_task
-from tasks.evaluate import DEFAULT_ATTRIBUTE_QUERIES
-from tasks.pairs import DEFAULT_CAPTION_TEMPLATE, pairs_task
+from finetune.clip.config import ClipTrainConfig
+from finetune.clip.stage import tower_config
+from flows.stages import (
+    evaluate_catalog_model_task,
+    pairs_task,
+    publish_catalog_report_task,
+    train_catalog_encoder_task,
+)
+from tasks.catalog.evaluation import DEFAULT_ATTRIBUTE_QUERIES
+from tasks.catalog.pairs import DEFAULT_CAPTION_TEMPLATE
+from tasks.core.defaults import BASE_MODEL, CATALOG_CLIP_MODEL_NAME, DEFAULT_WORKSPACE, IMAGE_SIZE
+from tasks.core.settings import require_path
 
-DEFAULT_WORKSPACE = Path("adapt-workspace")
 CATALOG_METRICS = Literal["attribute_ndcg@10", "caption_recall@10", "caption_mrr", "image_precision@10"]
 
 
@@ -34,7 +41,7 @@ class ClipConfig(BaseModel):
         "file column (like data/fashion-sample/styles.csv)"
     )
     model: str = Field(
-        "all-MiniLM-L6-v2",
+        BASE_MODEL,
         description=(
             "model to adapt: a sentence-transformers text model (kept frozen as the text tower; an image tower is trained "
             "from scratch into its space: needs no pretrained vision weights), a CLIP model such as "
@@ -53,15 +60,17 @@ class ClipConfig(BaseModel):
         description="folder of the image files; none: look next to the catalog, then in its images/ folder",
     )
     image_height: int = Field(
-        80,
+        IMAGE_SIZE[0],
         ge=16,
         le=512,
         description="height images are decoded at, fitted on white: the "
         "input of a trained image tower (a CLIP model's processor "
         "resizes them further)",
     )
-    image_width: int = Field(60, ge=16, le=512, description="width images are decoded at (see image height)")
-    holdout_fraction: float = Field(
+    image_width: int = Field(
+        IMAGE_SIZE[1], ge=16, le=512, description="width images are decoded at (see image height)"
+    )
+    heldout_fraction: float = Field(
         0.2,
         gt=0,
         lt=1,
@@ -82,59 +91,21 @@ class ClipConfig(BaseModel):
         default_factory=list, description="free-text queries whose top images the picture report also shows"
     )
     train: ClipTrainConfig = Field(default_factory=ClipTrainConfig, description="training settings")
-    registry_name: str = Field("catalog-clip", description="name of the model in the workspace's registry")
+    model_name: str = Field(
+        CATALOG_CLIP_MODEL_NAME, description="registry name the adapted model is saved under"
+    )
     promote_metric: CATALOG_METRICS = Field(
         "attribute_ndcg@10", description="held-out metric the new model must improve to be promoted"
     )
-    min_delta: float = Field(
-        0.0, ge=0, description="improvement the promotion needs beyond the current score"
+    promote_min_delta: float = Field(
+        0.0, ge=0, description="promote only when the promotion metric improves by more than this"
     )
     workspace: Path = Field(DEFAULT_WORKSPACE, description="folder for run outputs (stages, models, reports)")
 
-
-@task(name="train-catalog-encoder", task_run_name="train from {model}")
-def train_task(model: str, pairs_path: str, config: ClipConfig) -> dict:
-    logger = get_run_logger()
-    every = max(1, config.train.checkpoint_every)
-
-    def on_step(step: int, loss: float) -> None:
-        if step % every == 0:
-            logger.info("step %d: loss %.4f", step, loss)
-
-    return train_stage(
-        model,
-        pairs_path,
-        config.train,
-        holdout_fraction=config.holdout_fraction,
-        split_salt=config.split_salt,
-        image_size=(config.image_height, config.image_width),
-        workspace=config.workspace,
-        on_step=on_step,
-    )
-
-
-@task(name="register-and-promote")
-def register_and_promote_task(
-    config: ClipConfig, model_dir: str, card: dict, new_score: float, current_score: float
-) -> dict:
-    from tasks.registry import Registry
-
-    registry = Registry(config.workspace)
-    version = registry.register(config.registry_name, model_dir, card)
-    decision = registry.promote_if_better(
-        config.registry_name,
-        version,
-        new_score=new_score,
-        current_score=current_score,
-        metric=config.promote_metric,
-        min_delta=config.min_delta,
-    )
-    return {
-        "version": version,
-        "promoted": decision.promoted,
-        "reason": decision.reason,
-        "path": str(registry.path(config.registry_name, version)),
-    }
+    @model_validator(mode="after")
+    def _catalog_exists(self) -> ClipConfig:
+        require_path(self.catalog, "a product catalog (CSV or Parquet)")
+        return self
 
 
 @flow(
@@ -142,13 +113,14 @@ def register_and_promote_task(
     description="Adapt an image/text model to a product catalog from its own images and texts.",
 )
 def adapt_clip_flow(config: ClipConfig) -> dict:
-    """Pairs -> before -> train -> after -> register/promote -> picture report; returns paths and metrics."""
-    from tasks.image_text import model_kind
-    from tasks.pairs import check_catalog_columns
-    from tasks.registry import Registry
+    """Pairs -> before -> train -> after -> register and gate -> picture report; returns paths and metrics."""
+    from tasks.catalog.encoders import model_kind
+    from tasks.catalog.pairs import check_catalog_columns
+    from tasks.core.registry import Registry
+    from tasks.core.timing import Stopwatch
 
     logger = get_run_logger()
-    common = {"holdout_fraction": config.holdout_fraction, "split_salt": config.split_salt}
+    common = {"heldout_fraction": config.heldout_fraction, "split_salt": config.split_salt}
     evaluation = {
         **common,
         "attribute_templates": config.attribute_queries,
@@ -158,7 +130,7 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
     }
     image_size = (config.image_height, config.image_width)
     run_dir = config.workspace / "reports" / f"adapt-clip-{time.strftime('%Y%m%d-%H%M%S')}"
-    timings: dict[str, dict] = {}
+    watch = Stopwatch()
 
     # bad settings fail here, before any work: template fields, the model's name
     check_catalog_columns(
@@ -170,18 +142,18 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
         other_templates=[*config.train.extra_caption_templates, *config.attribute_queries],
     )
     kind = model_kind(config.model)
-    began = time.time()
-    pairs = pairs_task(
-        config.catalog,
-        config.workspace,
-        caption_template=config.caption_template,
-        id_field=config.id_field,
-        title_field=config.title_field,
-        image_field=config.image_field,
-        image_root=config.image_root,
-        image_size=image_size,
-    )
-    timings["pairs (read, check, decode)"] = {"seconds": time.time() - began, "items": pairs.rows}
+    with watch.stage("pairs (read, check, decode)") as stage:
+        pairs = pairs_task(
+            config.catalog,
+            config.workspace,
+            caption_template=config.caption_template,
+            id_field=config.id_field,
+            title_field=config.title_field,
+            image_field=config.image_field,
+            image_root=config.image_root,
+            image_size=image_size,
+        )
+        stage["items"] = pairs.rows
     logger.info(
         "%d pairs; %d product(s) left out, %d image(s) converted to RGB",
         pairs.rows,
@@ -193,25 +165,33 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
 
     tower = tower_config(config.train, image_size).to_dict() if kind == "text" else None
     before_name = f"untrained image tower + {config.model}" if kind == "text" else f"{config.model} (before)"
-    began = time.time()
-    before = evaluate_catalog_model_task(
-        config.model,
-        str(pairs.path),
-        run_dir / "before.json",
-        system=before_name,
-        tower=tower,
-        seed=config.train.seed,
-        **evaluation,
-    )
-    timings["evaluate before"] = {"seconds": time.time() - began}
+    with watch.stage("evaluate before"):
+        before = evaluate_catalog_model_task(
+            config.model,
+            str(pairs.path),
+            run_dir / "before.json",
+            system=before_name,
+            tower=tower,
+            seed=config.train.seed,
+            **evaluation,
+        )
 
-    began = time.time()
-    trained = train_task(config.model, str(pairs.path), config)
+    with watch.stage("train") as stage:
+        trained = train_catalog_encoder_task(
+            config.model,
+            str(pairs.path),
+            config.train,
+            heldout_fraction=config.heldout_fraction,
+            split_salt=config.split_salt,
+            image_size=image_size,
+            workspace=config.workspace,
+        )
     result = trained["result"]
-    timings["train" + (" (reused)" if trained["reused"] else "")] = {
-        "seconds": time.time() - began if trained["reused"] else result["seconds"],
-        "items": int(result["steps"] * min(config.train.batch_size, trained["trained_on"])),
-    }
+    stage["items"] = int(result["steps"] * min(config.train.batch_size, trained["trained_on"]))
+    if trained["reused"]:
+        watch.stages["train (reused)"] = watch.stages.pop("train")
+    else:
+        stage["seconds"] = result["seconds"]
     logger.info(
         "trained %.2f epochs in %.0f s (%.1f images/s); model at %s",
         result["epochs_done"],
@@ -220,22 +200,25 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
         trained["model_dir"],
     )
 
-    began = time.time()
-    after = evaluate_catalog_model_task(
-        trained["model_dir"], str(pairs.path), run_dir / "after.json", system="after training", **evaluation
-    )
-    timings["evaluate after"] = {"seconds": time.time() - began}
+    with watch.stage("evaluate after"):
+        after = evaluate_catalog_model_task(
+            trained["model_dir"],
+            str(pairs.path),
+            run_dir / "after.json",
+            system="after training",
+            **evaluation,
+        )
 
     reports = [before["report"], after["report"]]
     registry = Registry(config.workspace)
-    current_version = registry.current(config.registry_name)
+    current_version = registry.current(config.model_name)
     current_score = before["metrics"][config.promote_metric]
     if current_version is not None:
         current = evaluate_catalog_model_task(
-            str(registry.path(config.registry_name)),
+            str(registry.path(config.model_name)),
             str(pairs.path),
             run_dir / "current.json",
-            system=f"current {config.registry_name} {current_version}",
+            system=f"current {config.model_name} {current_version}",
             **evaluation,
         )
         current_score = current["metrics"][config.promote_metric]
@@ -249,10 +232,16 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
         "metrics_after": after["metrics"],
         "train": result,
     }
-    promotion = register_and_promote_task(
-        config, trained["model_dir"], card, after["metrics"][config.promote_metric], current_score
+    promotion = registry.register_and_gate(
+        config.model_name,
+        trained["model_dir"],
+        card,
+        new_score=after["metrics"][config.promote_metric],
+        current_score=current_score,
+        metric=config.promote_metric,
+        min_delta=config.promote_min_delta,
     )
-    logger.info("registered %s %s: %s", config.registry_name, promotion["version"], promotion["reason"])
+    logger.info("registered %s %s: %s", config.model_name, promotion.version, promotion.reason)
 
     notes = [
         f"Training: {result['epochs_done']} epochs ({result['steps']} steps of {config.train.batch_size} pairs) "
@@ -266,13 +255,13 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
             else ""
         )
         + f". Loss curve: `{trained['loss_plot']}`.",
-        f"Registry: {config.registry_name} {promotion['version']}: {promotion['reason']}.",
+        f"Registry: {config.model_name} {promotion.version}: {promotion.reason}.",
     ]
     published = publish_catalog_report_task(
         pairs.path,
         reports,
         run_dir,
-        timings=timings,
+        timings=watch.stages,
         notes=notes,
         attribute_templates=config.attribute_queries,
         group_field=config.group_field,
@@ -280,9 +269,9 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
     )
     return {
         "model_dir": trained["model_dir"],
-        "version": promotion["version"],
-        "promoted": promotion["promoted"],
-        "promotion": promotion["reason"],
+        "version": promotion.version,
+        "promoted": promotion.promoted,
+        "promotion": promotion.reason,
         "metrics_before": before["metrics"],
         "metrics_after": after["metrics"],
         "report": published["markdown"],

@@ -6,19 +6,13 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.corpus import read_beir_task
-from tasks.evaluate import (
-    EvalReport,
-    evaluate_bm25_task,
-    evaluate_model_task,
-    markdown_table,
-    publish_markdown,
-    save_reports,
-)
-
-DEFAULT_WORKSPACE = Path("adapt-workspace")
+from flows.stages import evaluate_bm25_task, evaluate_model_task, read_beir_task
+from tasks.core.defaults import BASE_MODEL, DEFAULT_WORKSPACE
+from tasks.core.evaluation import EvalReport, markdown_table, save_reports
+from tasks.core.report import publish_markdown
+from tasks.core.settings import require_beir_split
 
 
 class EvaluateConfig(BaseModel):
@@ -29,7 +23,7 @@ class EvaluateConfig(BaseModel):
     data: Path = Field(description="BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
     split: str = Field("test", description="which qrels/<split>.tsv to evaluate on")
     models: list[str] = Field(
-        default_factory=lambda: ["all-MiniLM-L6-v2"],
+        default_factory=lambda: [BASE_MODEL],
         description="sentence-transformers models: local directories, bundled names or hub ids",
     )
     bm25: bool = Field(True, description="also evaluate a BM25 baseline (bm25s, k1=0.9, b=0.4)")
@@ -37,18 +31,32 @@ class EvaluateConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="encoding batch size")
     max_seq_length: int = Field(256, ge=8, le=8192, description="tokens per passage kept by the encoder")
     workspace: Path = Field(DEFAULT_WORKSPACE, description="folder for run outputs")
-    output: Path | None = Field(None, description="JSON report path; none means <workspace>/reports/evaluate-<time>.json")
+    output: Path | None = Field(
+        None, description="JSON report path; none means <workspace>/reports/evaluate-<time>.json"
+    )
+
+    @model_validator(mode="after")
+    def _data_exists(self) -> EvaluateConfig:
+        require_beir_split(self.data, self.split)
+        return self
 
 
 @flow(name="evaluate", description="Retrieval metrics of models (and BM25) on a BEIR folder.")
 def evaluate_flow(config: EvaluateConfig) -> dict:
     """Evaluate every model (and BM25), save the reports as JSON, publish a markdown artifact."""
+    from tasks.core.models import resolve_model
+
     logger = get_run_logger()
+    for name in config.models:  # an unknown model stops here, before any work
+        resolve_model(name)
     data = read_beir_task(config.data, split=config.split)
-    logger.info("%s [%s]: %d queries, %d documents", data.folder, data.split, len(data.queries), len(data.corpus))
+    logger.info(
+        "%s [%s]: %d queries, %d documents", data.folder, data.split, len(data.queries), len(data.corpus)
+    )
     reports: list[EvalReport] = [
-        evaluate_model_task(name, data, top_k=config.top_k, batch_size=config.batch_size,
-                            max_seq_length=config.max_seq_length)
+        evaluate_model_task(
+            name, data, top_k=config.top_k, batch_size=config.batch_size, max_seq_length=config.max_seq_length
+        )
         for name in config.models
     ]
     if config.bm25:
@@ -62,4 +70,9 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
         description="metrics per system",
     )
     logger.info("report written to %s", path)
-    return {"report": str(path), "reports": [r.to_dict() for r in reports]}
+    return {
+        "report": str(path),
+        "reports": [r.to_dict() for r in reports],
+        "queries": len(data.queries),
+        "documents": len(data.corpus),
+    }

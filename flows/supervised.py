@@ -7,15 +7,23 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
-from pydantic import ConfigDict, Field
+from prefect import flow, get_run_logger
+from pydantic import ConfigDict, Field, model_validator
 
-from finetune.search import SearchSettings
+from finetune.hparam_search import SearchSettings
 from finetune.supervised import TrainSettings
-from tasks.evaluate import MEASURES, publish_markdown
-from tasks.labelled import PAIR_METRICS, PreparedData, evaluate_prepared_task, prepare_labelled_task
+from flows.stages import (
+    evaluate_prepared_task,
+    prepare_labelled_task,
+    search_supervised_task,
+    train_supervised_task,
+)
+from tasks.core.defaults import DEFAULT_WORKSPACE, SUPERVISED_MODEL_NAME
+from tasks.core.evaluation import MEASURES
+from tasks.core.report import publish_markdown
+from tasks.core.settings import require_path
+from tasks.labelled.evaluation import PAIR_METRICS
 
-DEFAULT_WORKSPACE = Path("adapt-workspace")
 METRICS = tuple(MEASURES) + tuple(f"pair {m}" for m in PAIR_METRICS)
 
 
@@ -47,9 +55,14 @@ class SupervisedConfig(SearchSettings, TrainSettings):
         "nDCG@10",
         description="what the search maximises (on its validation rows) and the promotion gate compares",
     )
-    name: str = Field("supervised", description="model name in the registry (<workspace>/models/<name>/)")
+    model_name: str = Field(
+        SUPERVISED_MODEL_NAME, description="registry name the fine-tuned model is saved under"
+    )
     promote: bool = Field(
         True, description="make the new version current if it beats the current one on --metric"
+    )
+    promote_min_delta: float = Field(
+        0.0, ge=0, description="promote only when --metric improves by more than this"
     )
     eval_batch_size: int = Field(64, ge=1, description="encoding batch size for evaluation")
     workspace: Path = Field(
@@ -59,43 +72,18 @@ class SupervisedConfig(SearchSettings, TrainSettings):
         None, description="JSON report path; none means <workspace>/reports/supervised-<time>.json"
     )
 
+    @model_validator(mode="after")
+    def _inputs_exist(self) -> SupervisedConfig:
+        require_path(self.train, "a labelled training file")
+        if self.eval is not None:
+            require_path(self.eval, "a labelled evaluation file")
+        return self
+
     def train_settings(self) -> TrainSettings:
         return TrainSettings(**self.model_dump(include=set(TrainSettings.model_fields)))
 
     def search_settings(self) -> SearchSettings:
         return SearchSettings(**self.model_dump(include=set(SearchSettings.model_fields)))
-
-
-# Thin tasks over finetune/ (which has no Prefect in it). They take and return paths and small
-# metadata; the rows are read from the prepared Parquet files.
-
-
-def _train(
-    prepared: PreparedData, settings: TrainSettings, output_dir: str, split: str = "train"
-) -> dict[str, Any]:
-    from finetune.supervised import train_supervised
-
-    return train_supervised(prepared.load(split), settings, output_dir).to_dict()
-
-
-def _search(
-    prepared: PreparedData, base: TrainSettings, space: SearchSettings, workdir: str, metric: str
-) -> dict:
-    from finetune.search import plot_trials, run_search, save_result
-    from tasks.labelled import build_eval_set
-
-    validation = build_eval_set(prepared.load("validation"), seed=base.seed)
-    result = run_search(
-        prepared.load("train"), validation, base=base, space=space, workdir=workdir, metric=metric
-    )
-    study_dir = Path(workdir) / result.study_name
-    save_result(result, study_dir / "result.json")
-    plot = plot_trials(result, study_dir / "trials.png")
-    return {**result.to_dict(), "plot": str(plot), "study_dir": str(study_dir)}
-
-
-train_task = task(_train, name="train-supervised", task_run_name="train {settings.model}")
-search_task = task(_search, name="search-supervised")
 
 
 @flow(
@@ -105,31 +93,34 @@ search_task = task(_search, name="search-supervised")
 )
 def supervised_flow(config: SupervisedConfig) -> dict:
     """Prepare the splits, train (or search), evaluate before/after, register and gate, report."""
-    from finetune.search import SearchResult, trials_markdown
-    from tasks.labelled import LabelledReport, build_eval_set, labelled_markdown
-    from tasks.registry import Registry
-    from tasks.report import timings_markdown
-    from tasks.store import write_json_atomic
+    from finetune.hparam_search import SearchResult, trials_markdown
+    from tasks.core.models import resolve_model
+    from tasks.core.registry import Registry
+    from tasks.core.report import timings_markdown
+    from tasks.core.store import write_json_atomic
+    from tasks.core.timing import Stopwatch
+    from tasks.labelled.eval_set import build_eval_set
+    from tasks.labelled.evaluation import LabelledReport, labelled_markdown
 
     logger = get_run_logger()
-    started = time.time()
+    watch = Stopwatch()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = config.workspace / "runs" / f"supervised-{stamp}"
-    timings: dict[str, dict[str, Any]] = {}
     base, space = config.train_settings(), config.search_settings()
-    space.check()
+    for name in dict.fromkeys([config.model, *config.search_models]):  # an unknown model stops here
+        resolve_model(name)
 
-    clock = time.time()
-    prepared = prepare_labelled_task(
-        config.train,
-        config.workspace,
-        eval_file=config.eval,
-        layout=config.layout,
-        eval_fraction=config.eval_fraction,
-        validation_fraction=space.search_validation_fraction if config.search else None,
-        seed=config.seed,
-    )
-    timings["prepare"] = {"seconds": time.time() - clock, "items": sum(prepared.rows.values())}
+    with watch.stage("prepare") as stage:
+        prepared = prepare_labelled_task(
+            config.train,
+            config.workspace,
+            eval_file=config.eval,
+            layout=config.layout,
+            eval_fraction=config.eval_fraction,
+            validation_fraction=space.search_validation_fraction if config.search else None,
+            seed=config.seed,
+        )
+        stage["items"] = sum(prepared.rows.values())
     logger.info(
         "%s: %s rows %s; evaluation %s", config.train, prepared.kind, prepared.rows, prepared.eval_source
     )
@@ -137,53 +128,55 @@ def supervised_flow(config: SupervisedConfig) -> dict:
         logger.warning("%d texts are in both the training and the evaluation file", prepared.shared_texts)
 
     def evaluate(model: str, system: str, tag: str) -> LabelledReport:
-        clock = time.time()
-        result = evaluate_prepared_task(
-            model,
-            prepared,
-            run_dir / f"eval-{tag}.json",
-            system=system,
-            batch_size=config.eval_batch_size,
-            max_seq_length=config.max_seq_length,
-            seed=config.seed,
-        )
-        timings[f"evaluate {tag}"] = {"seconds": time.time() - clock, "items": prepared.rows["eval"]}
+        with watch.stage(f"evaluate {tag}", prepared.rows["eval"]):
+            result = evaluate_prepared_task(
+                model,
+                prepared,
+                run_dir / f"eval-{tag}.json",
+                system=system,
+                batch_size=config.eval_batch_size,
+                max_seq_length=config.max_seq_length,
+                seed=config.seed,
+            )
         return LabelledReport.load(result["report"])
 
     before = evaluate(config.model, f"{Path(config.model).name} (base)", "before")
 
     search: SearchResult | None = None
     search_info: dict[str, Any] = {}
-    clock = time.time()
     if config.search:
-        search_info = search_task(prepared, base, space, str(config.workspace / "search"), config.metric)
+        with watch.stage("search"):
+            search_info = search_supervised_task(
+                prepared, base, space, str(config.workspace / "search"), config.metric
+            )
         search = SearchResult.from_dict(
             {k: v for k, v in search_info.items() if k not in {"plot", "study_dir"}}
         )
-        timings["search"] = {"seconds": time.time() - clock, "items": len(search.trials)}
+        watch.stages["search"]["items"] = len(search.trials)
         best = base.model_copy(update=search.best_params)
         if space.search_refit:
-            clock = time.time()
-            trained = train_task(prepared, best, str(run_dir / "model"), "train+validation")
+            with watch.stage("refit") as stage:
+                trained = train_supervised_task(prepared, best, str(run_dir / "model"), "train+validation")
+                stage["items"] = trained["rows"]
             model_dir = trained["model_dir"]
-            timings["refit"] = {"seconds": time.time() - clock, "items": trained["rows"]}
         else:
             model_dir = search.best_model_dir
             trained = {"loss": best.resolved_loss(prepared.kind), "settings": best.model_dump(mode="json")}
         settings_used = best
     else:
-        trained = train_task(prepared, base, str(run_dir / "model"), "train")
+        with watch.stage("train") as stage:
+            trained = train_supervised_task(prepared, base, str(run_dir / "model"), "train")
+            stage["items"] = trained["rows"]
         model_dir = trained["model_dir"]
         settings_used = base
-        timings["train"] = {"seconds": time.time() - clock, "items": trained["rows"]}
     after = evaluate(model_dir, f"fine-tuned ({trained['loss']})", "after")
 
     registry = Registry(config.workspace)
-    current = registry.current(config.name)
+    current = registry.current(config.model_name)
     current_score = before.metric(config.metric)
     if current is not None:
         current_report = evaluate(
-            str(registry.path(config.name)), f"{config.name} {current} (current)", "current"
+            str(registry.path(config.model_name)), f"{config.model_name} {current} (current)", "current"
         )
         current_score = current_report.metric(config.metric)
     card = {
@@ -205,25 +198,23 @@ def supervised_flow(config: SupervisedConfig) -> dict:
         if search
         else None,
     }
-    version = registry.register(config.name, model_dir, card)
-    if config.promote:
-        promotion = registry.promote_if_better(
-            config.name,
-            version,
-            new_score=after.metric(config.metric),
-            current_score=current_score,
-            metric=config.metric,
-        )
-        decision = promotion.reason
-        promoted = promotion.promoted
-    else:
-        decision, promoted = "not promoted: --no-promote", False
-    logger.info("registered %s %s; %s", config.name, version, decision)
+    promotion = registry.register_and_gate(
+        config.model_name,
+        model_dir,
+        card,
+        new_score=after.metric(config.metric),
+        current_score=current_score,
+        metric=config.metric,
+        min_delta=config.promote_min_delta,
+        promote=config.promote,
+    )
+    version, decision, promoted = promotion.version, promotion.reason, promotion.promoted
+    logger.info("registered %s %s; %s", config.model_name, version, decision)
 
     eval_set = build_eval_set(prepared.load("eval"), seed=config.seed)
-    timings["total"] = {"seconds": time.time() - started}
+    watch.stages["total"] = {"seconds": watch.total()}
     sections = [
-        f"# Supervised fine-tuning: {config.name} {version}",
+        f"# Supervised fine-tuning: {config.model_name} {version}",
         f"Training: `{config.train}` ({prepared.kind}, {prepared.rows['train']} rows"
         + (f", {prepared.rows['validation']} held out to score search trials" if config.search else "")
         + f"); evaluation: {prepared.eval_source} ({prepared.rows['eval']} rows). Loss: {trained['loss']}; "
@@ -239,17 +230,17 @@ def supervised_flow(config: SupervisedConfig) -> dict:
             f"plot: `{search_info['plot']}`)",
             trials_markdown(search),
         ]
-    sections += ["**Timings**", timings_markdown(timings)]
+    sections += ["**Timings**", timings_markdown(watch.stages)]
     markdown = "\n\n".join(sections)
     output = config.output or config.workspace / "reports" / f"supervised-{stamp}.json"
     result = {
         "report": str(output),
-        "name": config.name,
+        "name": config.model_name,
         "version": version,
         "promoted": promoted,
         "decision": decision,
         "metric": config.metric,
-        "model_dir": str(registry.path(config.name, version)),
+        "model_dir": str(registry.path(config.model_name, version)),
         "kind": prepared.kind,
         "rows": prepared.rows,
         "eval": prepared.eval_source,
@@ -260,7 +251,7 @@ def supervised_flow(config: SupervisedConfig) -> dict:
         "before": before.to_dict(),
         "after": after.to_dict(),
         "search": search_info or None,
-        "timings": timings,
+        "timings": watch.stages,
         "markdown": markdown,
     }
     write_json_atomic(Path(output), result)

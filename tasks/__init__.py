@@ -1,3 +1,5 @@
-"""Pipeline stages: one module per stage, each a plain function plus a thin Prefect task."""
+"""The stages and what they stand on, one room per concern: ``core`` (infrastructure every stage uses),
+``text``, ``catalog``, ``labelled`` and ``serving``. Plain functions with no Prefect inside; their Prefect
+tasks are thin wrappers in ``flows/stages.py``."""
 
 from tasks import _env  # noqa: F401  (environment defaults before torch/Prefect load)

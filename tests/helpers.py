@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.corpus import read_beir
+from tasks.core.corpus import read_beir
 
 
 def write_beir_subset(source: Path, target: Path, n_queries: int, n_docs: int) -> Path:

@@ -14,9 +14,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks.corpus import read_corpus
-from tasks.qgen import OfflineGenerator, QGenConfig, consistency_filter, generate_queries, split_sentences
-from tasks.store import Store, stage_key
+from tasks.core.corpus import read_corpus
+from tasks.core.store import Store, stage_key
+from tasks.text.queries import (
+    OfflineGenerator,
+    QGenConfig,
+    consistency_filter,
+    generate_queries,
+    split_sentences,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,12 +42,16 @@ def small_corpus(tmp_path_factory, scifact_sample):
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory, tiny_bi_encoder):
-    from tasks.embeddings import EmbeddingCache
-    from tasks.models import load_sentence_transformer, resolve_model
+    from tasks.core.embeddings import EmbeddingCache
+    from tasks.core.models import load_sentence_transformer, resolve_model
 
     model = load_sentence_transformer(str(tiny_bi_encoder))
-    return EmbeddingCache(tmp_path_factory.mktemp("ws"), model, resolve_model(str(tiny_bi_encoder)).fingerprint,
-                          max_seq_length=64)
+    return EmbeddingCache(
+        tmp_path_factory.mktemp("ws"),
+        model,
+        resolve_model(str(tiny_bi_encoder)).fingerprint,
+        max_seq_length=64,
+    )
 
 
 # --------------------------------------------------------------------------------- generation
@@ -61,16 +71,22 @@ def test_offline_generator_title_ict_and_keyphrases(small_corpus):
             assert draft.positive is not None and draft.text not in draft.positive
             assert draft.positive.startswith(row.title)
     keyphrase = next(d for d in drafts if d.source == "keyphrase").text.split()
-    assert 2 <= len(keyphrase) <= 4 and all(word.lower() in f"{row.title} {row.text}".lower() for word in keyphrase)
+    assert 2 <= len(keyphrase) <= 4 and all(
+        word.lower() in f"{row.title} {row.text}".lower() for word in keyphrase
+    )
     # deterministic per (seed, document)
     assert generator.generate(row.doc_id, row.title, row.text) == drafts
     assert len({d.text.lower() for d in drafts}) == len(drafts)
 
 
 def test_consistency_filter_keeps_queries_whose_source_ranks_high():
-    from tasks.qgen import DraftQuery
+    from tasks.text.queries import DraftQuery
 
-    drafts = [(0, DraftQuery("a", "title", None)), (1, DraftQuery("b", "ict", "x")), (2, DraftQuery("c", "ict", None))]
+    drafts = [
+        (0, DraftQuery("a", "title", None)),
+        (1, DraftQuery("b", "ict", "x")),
+        (2, DraftQuery("c", "ict", None)),
+    ]
     seen = {}
 
     def ranks(texts, positives, sources):
@@ -101,9 +117,9 @@ def test_generated_stage_is_stored_and_reused(tmp_path, small_corpus):
 KILLED_RUN = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from tasks.corpus import read_corpus
-    from tasks.qgen import QGenConfig, generate_queries
-    from tasks.store import Store
+    from tasks.core.corpus import read_corpus
+    from tasks.text.queries import QGenConfig, generate_queries
+    from tasks.core.store import Store
     corpus = read_corpus({corpus!r})
     config = QGenConfig(part_size=6, consistency_top_k=None)
 
@@ -139,7 +155,9 @@ def test_killed_generation_resumes_and_matches_an_uninterrupted_run(tmp_path, sm
 
     time.sleep(0.01)
     resumed_parts = []
-    ref = generate_queries(small_corpus, config, store, key="k", progress=lambda d, t: resumed_parts.append(d))
+    ref = generate_queries(
+        small_corpus, config, store, key="k", progress=lambda d, t: resumed_parts.append(d)
+    )
     assert resumed_parts == list(range(1, 9))
     for name, mtime in survivors.items():  # finished parts were not written again
         assert (stage / name).stat().st_mtime_ns == mtime
@@ -149,10 +167,17 @@ def test_killed_generation_resumes_and_matches_an_uninterrupted_run(tmp_path, sm
 
 
 def test_seq2seq_generator_with_a_tiny_t5(tmp_path, small_corpus, tiny_t5):
-    from tasks.qgen import Seq2SeqGenerator
+    from tasks.text.queries import Seq2SeqGenerator
 
-    config = QGenConfig(generator=str(tiny_t5), queries_per_doc=3, max_new_tokens=8, batch_size=4, part_size=8,
-                        consistency_top_k=None, max_input_tokens=32)
+    config = QGenConfig(
+        generator=str(tiny_t5),
+        queries_per_doc=3,
+        max_new_tokens=8,
+        batch_size=4,
+        part_size=8,
+        consistency_top_k=None,
+        max_input_tokens=32,
+    )
     generator = Seq2SeqGenerator(config)
     assert generator.max_input == 32
     texts = small_corpus.texts()[:5]
@@ -165,15 +190,16 @@ def test_seq2seq_generator_with_a_tiny_t5(tmp_path, small_corpus, tiny_t5):
     assert generator.generate_batch(texts, seed=1) == batches  # seeded sampling repeats
 
     store = Store(tmp_path)
-    ref = generate_queries(small_corpus.__class__(small_corpus.docs.head(8), small_corpus.source), config, store,
-                           key="t5")
+    ref = generate_queries(
+        small_corpus.__class__(small_corpus.docs.head(8), small_corpus.source), config, store, key="t5"
+    )
     queries = store.read_pandas("queries", ref.key)
     assert len(queries) > 0 and set(queries["source"]) == {str(tiny_t5)}
     assert queries["positive"].isna().all()
 
 
 def test_a_generator_that_is_not_there_fails_clearly(tmp_path, small_corpus):
-    from tasks.models import ModelNotAvailableError
+    from tasks.core.models import ModelNotAvailableError
 
     config = QGenConfig(generator=str(tmp_path / "no-such-model"), consistency_top_k=None)
     with pytest.raises(ModelNotAvailableError):
@@ -187,19 +213,25 @@ def _queries_frame(corpus, n=12):
     import pandas as pd
 
     docs = corpus.docs.head(n)
-    return pd.DataFrame({"query_id": [f"{d}-q1" for d in docs["doc_id"]], "doc_id": docs["doc_id"].tolist(),
-                         "text": docs["title"].tolist()})
+    return pd.DataFrame(
+        {
+            "query_id": [f"{d}-q1" for d in docs["doc_id"]],
+            "doc_id": docs["doc_id"].tolist(),
+            "text": docs["title"].tolist(),
+        }
+    )
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw", "ivf"])
 def test_mined_negatives_exclude_the_positive_and_come_from_the_rank_window(small_corpus, tiny_cache, kind):
-    from tasks.mine import MineConfig, build_index, mine_negatives
+    from tasks.core.index import ann_index
+    from tasks.text.negatives import MineConfig, mine_negatives
 
     doc_vectors = tiny_cache.embed(small_corpus.texts())
     queries = _queries_frame(small_corpus)
     query_vectors = tiny_cache.embed(queries["text"].tolist())
     config = MineConfig(retrievers=["dense"], candidates=6, rank_min=1, num_negatives=3, index=kind)
-    index = build_index(doc_vectors, config)
+    index = ann_index(doc_vectors, config)
     table = mine_negatives(queries, small_corpus.ids, doc_vectors, query_vectors, index, config)
     assert table.num_rows == len(queries)
     for row, record in enumerate(table.to_pylist()):
@@ -207,40 +239,60 @@ def test_mined_negatives_exclude_the_positive_and_come_from_the_rank_window(smal
         assert len(record["neg_ids"]) == 3 and record["pos_id"] not in record["neg_ids"]
         if kind == "exact":  # ranks 1..6 among the documents other than the positive
             scores = doc_vectors @ query_vectors[row]
-            ranked = [small_corpus.ids[i] for i in np.argsort(-scores) if small_corpus.ids[i] != record["pos_id"]]
+            ranked = [
+                small_corpus.ids[i] for i in np.argsort(-scores) if small_corpus.ids[i] != record["pos_id"]
+            ]
             assert set(record["neg_ids"]) <= set(ranked[1:7])
-            expected = [float(doc_vectors[small_corpus.ids.index(n)] @ query_vectors[row]) for n in record["neg_ids"]]
+            expected = [
+                float(doc_vectors[small_corpus.ids.index(n)] @ query_vectors[row]) for n in record["neg_ids"]
+            ]
             assert np.allclose(record["neg_scores"], expected, atol=1e-5)
 
 
 def test_mining_with_bm25_and_dense_together(small_corpus, tiny_cache):
-    from tasks.evaluate import BM25Index
-    from tasks.mine import MineConfig, build_index, mine_negatives
+    from tasks.core.bm25 import BM25Index
+    from tasks.core.index import ann_index
+    from tasks.text.negatives import MineConfig, mine_negatives
 
     doc_vectors = tiny_cache.embed(small_corpus.texts())
     queries = _queries_frame(small_corpus)
     bm25 = BM25Index(small_corpus.texts())
     config = MineConfig(retrievers=["bm25"], candidates=3, num_negatives=3)
-    table = mine_negatives(queries, small_corpus.ids, doc_vectors, tiny_cache.embed(queries["text"].tolist()),
-                           build_index(doc_vectors, config), config, bm25=bm25)
+    table = mine_negatives(
+        queries,
+        small_corpus.ids,
+        doc_vectors,
+        tiny_cache.embed(queries["text"].tolist()),
+        ann_index(doc_vectors, config),
+        config,
+        bm25=bm25,
+    )
     positions, _ = bm25.search(queries["text"].tolist(), 4)
     for row, record in enumerate(table.to_pylist()):
         top = [small_corpus.ids[p] for p in positions[row] if small_corpus.ids[p] != record["pos_id"]][:3]
         assert sorted(record["neg_ids"]) == sorted(top)
     with pytest.raises(ValueError, match="BM25"):
-        mine_negatives(queries, small_corpus.ids, doc_vectors, tiny_cache.embed(queries["text"].tolist()),
-                       build_index(doc_vectors, config), config)
+        mine_negatives(
+            queries,
+            small_corpus.ids,
+            doc_vectors,
+            tiny_cache.embed(queries["text"].tolist()),
+            ann_index(doc_vectors, config),
+            config,
+        )
 
 
 # ------------------------------------------------------------------------------------ teachers
 
 
 def test_offline_teacher_pair_scores_agree_with_its_ranking(small_corpus, tiny_cache):
-    from tasks.evaluate import BM25Index
-    from tasks.label import OfflineTeacher
+    from tasks.core.bm25 import BM25Index
+    from tasks.text.teachers import OfflineTeacher
 
     doc_vectors = tiny_cache.embed(small_corpus.texts())
-    teacher = OfflineTeacher(BM25Index(small_corpus.texts()), tiny_cache, doc_vectors, bm25_weight=0.5, pool=10)
+    teacher = OfflineTeacher(
+        BM25Index(small_corpus.texts()), tiny_cache, doc_vectors, bm25_weight=0.5, pool=10
+    )
     queries = small_corpus.docs["title"].head(5).tolist()
     rows = teacher.rank_rows(queries)
     assert rows.shape == (5, len(small_corpus))
@@ -259,22 +311,36 @@ def test_cross_encoder_teacher_gives_raw_logits_and_margins(tiny_cross_encoder):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tasks.label import CrossEncoderTeacher, label_triples
+    from tasks.text.pseudo_labels import label_triples
+    from tasks.text.teachers import CrossEncoderTeacher
 
     teacher = CrossEncoderTeacher(str(tiny_cross_encoder), batch_size=2, max_length=64)
-    queries, passages = ["what is dna", "what is dna", "heart attack"], ["dna is a molecule", "cats", "the heart"]
+    queries, passages = (
+        ["what is dna", "what is dna", "heart attack"],
+        ["dna is a molecule", "cats", "the heart"],
+    )
     scores = teacher.score(queries, passages)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_cross_encoder).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_cross_encoder)
     with torch.no_grad():
-        logits = model(**tokenizer(queries, passages, padding=True, truncation=True, max_length=64,
-                                   return_tensors="pt")).logits[:, 0].numpy()
+        logits = (
+            model(
+                **tokenizer(
+                    queries, passages, padding=True, truncation=True, max_length=64, return_tensors="pt"
+                )
+            )
+            .logits[:, 0]
+            .numpy()
+        )
     assert scores.dtype == np.float32 and np.allclose(scores, logits, atol=1e-5)  # no sigmoid
 
-    negatives = pa.table({"query_id": ["q1"], "pos_id": ["d1"], "neg_ids": [["d2", "d3"]],
-                          "neg_scores": [[0.1, 0.2]]})
+    negatives = pa.table(
+        {"query_id": ["q1"], "pos_id": ["d1"], "neg_ids": [["d2", "d3"]], "neg_scores": [[0.1, 0.2]]}
+    )
     texts = {"d1": "dna is a molecule", "d2": "cats", "d3": "the heart"}
-    labels = label_triples(negatives, lambda q: "what is dna", lambda q: texts["d1"], texts.__getitem__, teacher)
+    labels = label_triples(
+        negatives, lambda q: "what is dna", lambda q: texts["d1"], texts.__getitem__, teacher
+    )
     assert labels.column("neg_id").to_pylist() == ["d2", "d3"]
     margin = np.asarray(labels.column("margin").to_pylist())
     pos = teacher.score(["what is dna"], [texts["d1"]])[0]
@@ -300,14 +366,24 @@ def _rows(corpus, n=24):
     return rows
 
 
+@pytest.mark.slow
 def test_marginmse_training_resumes_after_a_crash(tmp_path, small_corpus, tiny_bi_encoder):
     from finetune.marginmse import TrainConfig, train_marginmse
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     rows = _rows(small_corpus)
-    config = TrainConfig(max_steps=4, batch_size=4, negatives_per_query=2, save_steps=1, eval_steps=1,
-                         logging_steps=1, max_seq_length=32, learning_rate=1e-3, eval_fraction=0.2,
-                         eval_max_rows=4)
+    config = TrainConfig(
+        max_steps=4,
+        batch_size=4,
+        negatives_per_query=2,
+        save_steps=1,
+        eval_steps=1,
+        logging_steps=1,
+        max_seq_length=32,
+        learning_rate=1e-3,
+        eval_fraction=0.2,
+        eval_max_rows=4,
+    )
 
     def crash(step, total):
         if step == 3:
@@ -319,8 +395,13 @@ def test_marginmse_training_resumes_after_a_crash(tmp_path, small_corpus, tiny_b
     assert not (tmp_path / "run" / "model").exists()
 
     steps_seen = []
-    result = train_marginmse(str(tiny_bi_encoder), rows, config, tmp_path / "run",
-                             progress=lambda step, total: steps_seen.append(step))
+    result = train_marginmse(
+        str(tiny_bi_encoder),
+        rows,
+        config,
+        tmp_path / "run",
+        progress=lambda step, total: steps_seen.append(step),
+    )
     assert result.resumed_from.endswith("checkpoint-2") and result.steps == 4
     assert steps_seen == [3, 4]  # only the steps the crash lost
     assert result.eval_rows == 4 and result.label_scale > 0  # 20% of 24 rows, capped at 4
@@ -331,20 +412,29 @@ def test_marginmse_training_resumes_after_a_crash(tmp_path, small_corpus, tiny_b
     text = [rows.queries[0]]
     assert not np.allclose(trained.encode(text), base.encode(text))  # the weights moved
 
-    again = train_marginmse(str(tiny_bi_encoder), rows, config, tmp_path / "run",
-                            progress=lambda step, total: pytest.fail("a finished run must not train again"))
+    again = train_marginmse(
+        str(tiny_bi_encoder),
+        rows,
+        config,
+        tmp_path / "run",
+        progress=lambda step, total: pytest.fail("a finished run must not train again"),
+    )
     assert again.steps == 4 and again.model_dir == result.model_dir
 
 
 def test_query_side_training_fits_the_margins_against_fixed_passages(tmp_path, small_corpus, tiny_bi_encoder):
     from finetune.marginmse import TrainConfig, train_query_side
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     rows = _rows(small_corpus)
     base = load_sentence_transformer(str(tiny_bi_encoder))
     base.max_seq_length = 32
-    fixed = {t: v for t, v in zip(small_corpus.texts(), base.encode(small_corpus.texts(), normalize_embeddings=True),
-                                  strict=True)}
+    fixed = {
+        t: v
+        for t, v in zip(
+            small_corpus.texts(), base.encode(small_corpus.texts(), normalize_embeddings=True), strict=True
+        )
+    }
     asked = []
 
     def passages(texts):
@@ -357,8 +447,15 @@ def test_query_side_training_fits_the_margins_against_fixed_passages(tmp_path, s
         student = np.stack([q[i] @ pos[i] - negs[i] @ q[i] for i in range(len(rows))])
         return float(((student - 0.02 * np.asarray(rows.margins)[:, :2]) ** 2).mean())
 
-    config = TrainConfig(max_steps=30, batch_size=8, negatives_per_query=2, max_seq_length=32, learning_rate=3e-3,
-                         label_scale=0.02, warmup_ratio=0.0)
+    config = TrainConfig(
+        max_steps=30,
+        batch_size=8,
+        negatives_per_query=2,
+        max_seq_length=32,
+        learning_rate=3e-3,
+        label_scale=0.02,
+        warmup_ratio=0.0,
+    )
     before = mse(base)
     result = train_query_side(str(tiny_bi_encoder), rows, passages, config, tmp_path / "run")
     trained = load_sentence_transformer(str(result.model_dir))
@@ -366,8 +463,9 @@ def test_query_side_training_fits_the_margins_against_fixed_passages(tmp_path, s
     assert result.steps == 30 and mse(trained) < 0.5 * before  # it learned the teacher's margins
     # passages only ever came from the fixed vectors: no passage was encoded by the student
     assert set(asked) <= set(fixed)
-    again = train_query_side(str(tiny_bi_encoder), rows, lambda t: pytest.fail("done: no work"), config,
-                             tmp_path / "run")
+    again = train_query_side(
+        str(tiny_bi_encoder), rows, lambda t: pytest.fail("done: no work"), config, tmp_path / "run"
+    )
     assert again.model_dir == result.model_dir
 
 

@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from flows.adapt_text import AdaptTextConfig, split_heldout
+from flows.adapt_text import AdaptTextConfig
 from flows.cli import main
-from tasks.corpus import read_corpus
-from tasks.registry import Registry
-from tasks.search import Searcher
-from tasks.store import Store
+from tasks.core.corpus import read_corpus
+from tasks.core.heldout import split_heldout_queries
+from tasks.core.registry import Registry
+from tasks.core.store import Store
+from tasks.serving.search import Searcher
 
 from helpers import write_beir_subset
 
@@ -22,10 +23,30 @@ def small_beir(tmp_path_factory, scifact_sample):
 
 
 def _args(corpus, workspace, model, *extra):
-    return ["text", "--corpus", str(corpus), "--workspace", str(workspace), "--base-model", str(model),
-            "--train-max-steps", "3", "--train-batch-size", "4", "--train-max-seq-length", "48",
-            "--train-save-steps", "2", "--train-eval-steps", "2", "--mine-max-seq-length", "64",
-            "--eval-max-seq-length", "64", *extra]
+    return [
+        "text",
+        "--corpus",
+        str(corpus),
+        "--workspace",
+        str(workspace),
+        "--base-model",
+        str(model),
+        "--train-max-steps",
+        "3",
+        "--train-batch-size",
+        "4",
+        "--train-max-seq-length",
+        "48",
+        "--train-save-steps",
+        "2",
+        "--train-eval-steps",
+        "2",
+        "--mine-max-seq-length",
+        "64",
+        "--eval-max-seq-length",
+        "64",
+        *extra,
+    ]
 
 
 def test_text_help_explains_every_option(capsys):
@@ -36,12 +57,20 @@ def test_text_help_explains_every_option(capsys):
     for name in AdaptTextConfig.model_fields:
         if name not in ("qgen", "mine", "label", "train"):
             assert "--" + name.replace("_", "-") in text
-    for option in ("--qgen-generator", "--qgen-consistency-top-k", "--mine-num-negatives", "--label-teacher",
-                   "--label-bm25-weight", "--train-learning-rate", "--train-time-budget-minutes", "--preset"):
+    for option in (
+        "--qgen-generator",
+        "--qgen-consistency-top-k",
+        "--mine-num-negatives",
+        "--label-teacher",
+        "--label-bm25-weight",
+        "--train-learning-rate",
+        "--train-time-budget-minutes",
+        "--preset",
+    ):
         assert option in text
 
 
-def test_bad_text_arguments_exit_2_with_the_reason(capsys, tmp_path, small_beir):
+def test_bad_text_arguments_exit_2_with_the_reason(prefect_harness, capsys, tmp_path, small_beir):
     assert main(["text", "--corpus", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().out
     bad = tmp_path / "corpus.jsonl"
@@ -55,6 +84,7 @@ def test_bad_text_arguments_exit_2_with_the_reason(capsys, tmp_path, small_beir)
     assert "dev.tsv" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_adapt_text_with_the_users_judgments(prefect_harness, tmp_path, small_beir, tiny_bi_encoder, capsys):
     workspace = tmp_path / "ws"
     assert main(_args(small_beir, workspace, tiny_bi_encoder, "--eval", str(small_beir))) == 0
@@ -65,13 +95,22 @@ def test_adapt_text_with_the_users_judgments(prefect_harness, tmp_path, small_be
     report = json.loads(reports[0].read_text())
     assert "the user's queries" in report["eval_set"] and "12 queries" in report["eval_set"]
     assert report["train"]["steps"] == 3 and report["queries_kept"] > 0
-    assert set(report["stages"]) >= {"generate queries", "mine negatives", "pseudo-labels", "train",
-                                     "evaluate before", "evaluate after"}
+    assert set(report["stages"]) >= {
+        "generate queries",
+        "mine negatives",
+        "pseudo-labels",
+        "train",
+        "evaluate before",
+        "evaluate after",
+    }
     assert (workspace / "reports" / f"{reports[0].stem}-loss.png").stat().st_size > 1000
     registry = Registry(workspace)
     assert registry.versions("text-retriever") == ["v0001"]
     better = report["ndcg@10_after"] > report["ndcg@10_before"]
     assert report["promoted"] == better
+    # the gate compared exactly the reported before/after scores
+    assert f"{report['ndcg@10_after']:.4f}" in report["decision"]
+    assert f"{report['ndcg@10_before']:.4f}" in report["decision"]
     assert registry.current("text-retriever") == ("v0001" if better else None)
     card = registry.card("text-retriever", "v0001")
     assert card["metrics_before"]["nDCG@10"] == pytest.approx(report["ndcg@10_before"])
@@ -86,18 +125,28 @@ def test_adapt_text_with_the_users_judgments(prefect_harness, tmp_path, small_be
     assert any(a.key == "adapt-text-report" for a in artifacts)
 
 
-def test_adapt_text_without_judgments_holds_out_generated_queries(prefect_harness, tmp_path, small_beir,
-                                                                   tiny_bi_encoder, capsys):
+@pytest.mark.slow
+def test_adapt_text_without_judgments_holds_out_generated_queries(
+    prefect_harness, tmp_path, small_beir, tiny_bi_encoder, capsys
+):
     workspace = tmp_path / "ws"
-    args = _args(small_beir, workspace, tiny_bi_encoder, "--heldout-fraction", "0.2", "--qgen-consistency-top-k",
-                 "20", "--no-continue-from-current")
+    args = _args(
+        small_beir,
+        workspace,
+        tiny_bi_encoder,
+        "--heldout-fraction",
+        "0.2",
+        "--qgen-consistency-top-k",
+        "20",
+        "--no-continue-from-current",
+    )
     assert main(args) == 0
     first = json.loads(sorted((workspace / "reports").glob("adapt-text-*.json"))[0].read_text())
     assert "held-out generated queries" in first["eval_set"]
     assert first["queries_generated"] >= first["queries_kept"] > 0
     store = Store(workspace)
     queries = store.read_pandas("queries", store.keys("queries")[0])
-    _, heldout = split_heldout(queries, 0.2, 300, seed=13)
+    _, heldout = split_heldout_queries(queries, 0.2, 300, seed=13)
     assert f"{len(heldout)} queries" in first["eval_set"]
     labels = store.read_pandas("labels", store.keys("labels")[0])
     trained_docs = set(queries.set_index("query_id").loc[labels["query_id"].unique(), "doc_id"])
@@ -112,15 +161,26 @@ def test_adapt_text_without_judgments_holds_out_generated_queries(prefect_harnes
     assert second["train"]["steps"] == 3 and second["ndcg@10_after"] == pytest.approx(first["ndcg@10_after"])
 
 
+@pytest.mark.slow
 def test_models_and_search_commands(prefect_harness, tmp_path, small_beir, tiny_bi_encoder, capsys):
     workspace = tmp_path / "ws"
     assert main(["search", "cells", "--workspace", str(workspace)]) == 2
     assert "run `adapt text` first" in capsys.readouterr().out
-    assert main(_args(small_beir, workspace, tiny_bi_encoder, "--train-max-steps", "1")) == 0
+    # no nDCG@10 can improve by more than 1: the gate must refuse, and a person may still promote it
+    assert (
+        main(
+            _args(
+                small_beir, workspace, tiny_bi_encoder, "--train-max-steps", "1", "--promote-min-delta", "1"
+            )
+        )
+        == 0
+    )
     registry = Registry(workspace)
-    if registry.current("text-retriever") is None:  # not better: a person may still promote it
-        assert main(["models", "promote", "text-retriever", "v0001", "--workspace", str(workspace)]) == 0
+    assert registry.versions("text-retriever") == ["v0001"] and registry.current("text-retriever") is None
+    assert registry.history("text-retriever")[-1]["event"] == "rejected"
+    assert main(["models", "promote", "text-retriever", "v0001", "--workspace", str(workspace)]) == 0
     assert registry.current("text-retriever") == "v0001"
+    assert registry.history("text-retriever")[-1]["reason"] == "promoted by hand"
     capsys.readouterr()
     assert main(["models", "list", "--workspace", str(workspace)]) == 0
     assert "v0001" in capsys.readouterr().out
@@ -148,14 +208,31 @@ def test_models_and_search_commands(prefect_harness, tmp_path, small_beir, tiny_
     assert float(query_vector @ doc_vector) == pytest.approx(hits[0]["score"], abs=1e-4)
 
 
-def test_adapt_text_with_a_seq2seq_generator_and_a_cross_encoder_teacher(prefect_harness, tmp_path, small_beir,
-                                                                          tiny_bi_encoder, tiny_t5,
-                                                                          tiny_cross_encoder):
+@pytest.mark.slow
+def test_adapt_text_with_a_seq2seq_generator_and_a_cross_encoder_teacher(
+    prefect_harness, tmp_path, small_beir, tiny_bi_encoder, tiny_t5, tiny_cross_encoder
+):
     """The GPL path of the flow (generator and teacher models given as directories), with tiny models."""
     workspace = tmp_path / "ws"
-    args = _args(small_beir, workspace, tiny_bi_encoder, "--preset", "gpl", "--qgen-generator", str(tiny_t5),
-                 "--qgen-queries-per-doc", "2", "--qgen-max-new-tokens", "8", "--label-teacher",
-                 str(tiny_cross_encoder), "--label-max-length", "64", "--eval", str(small_beir))
+    args = _args(
+        small_beir,
+        workspace,
+        tiny_bi_encoder,
+        "--preset",
+        "gpl",
+        "--qgen-generator",
+        str(tiny_t5),
+        "--qgen-queries-per-doc",
+        "2",
+        "--qgen-max-new-tokens",
+        "8",
+        "--label-teacher",
+        str(tiny_cross_encoder),
+        "--label-max-length",
+        "64",
+        "--eval",
+        str(small_beir),
+    )
     assert main(args) == 0
     report = json.loads(sorted((workspace / "reports").glob("adapt-text-*.json"))[0].read_text())
     store = Store(workspace)
@@ -167,4 +244,6 @@ def test_adapt_text_with_a_seq2seq_generator_and_a_cross_encoder_teacher(prefect
     labels = store.read_pandas("labels", store.keys("labels")[0])
     assert len(labels) > 0 and (labels["margin"] == labels["score_pos"] - labels["score_neg"]).all()
     assert report["train"]["steps"] == 3
-    assert Registry(workspace).card("text-retriever", "v0001")["config"]["label"]["teacher"] == str(tiny_cross_encoder)
+    assert Registry(workspace).card("text-retriever", "v0001")["config"]["label"]["teacher"] == str(
+        tiny_cross_encoder
+    )

@@ -11,10 +11,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from flows.catalog_refresh import RefreshLockedError, diff_snapshot, is_heldout, refresh_lock
 from flows.cli import main
-from tasks.registry import Registry
-from tasks.store import Store
+from tasks.core.heldout import heldout_mask
+from tasks.core.registry import Registry
+from tasks.core.store import Store
+from tasks.text.refresh import RefreshLockedError, diff_snapshot, refresh_lock
 
 
 def _write_catalog(rows, path):
@@ -36,9 +37,28 @@ def catalog(tmp_path, fashion_sample):
 
 
 def _refresh(catalog_path, workspace, model, *extra):
-    return main(["refresh", "--catalog", str(catalog_path), "--workspace", str(workspace), "--base-model", str(model),
-                 "--train-max-steps", "2", "--train-batch-size", "4", "--max-seq-length", "32",
-                 "--heldout-percent", "20", "--qgen-consistency-top-k", "30", *extra])
+    return main(
+        [
+            "refresh",
+            "--catalog",
+            str(catalog_path),
+            "--workspace",
+            str(workspace),
+            "--base-model",
+            str(model),
+            "--train-max-steps",
+            "2",
+            "--train-batch-size",
+            "4",
+            "--max-seq-length",
+            "32",
+            "--heldout-fraction",
+            "0.2",
+            "--qgen-consistency-top-k",
+            "30",
+            *extra,
+        ]
+    )
 
 
 def _last_report(workspace):
@@ -49,10 +69,14 @@ def test_diff_and_heldout_are_by_content_and_fixed():
     docs = pd.DataFrame({"doc_id": ["a", "b", "c"], "content_hash": ["1", "2", "3"]})
     diff = diff_snapshot({"a": "1", "b": "x", "z": "9"}, docs)
     assert diff == {"new": ["c"], "changed": ["b"], "removed": ["z"], "unchanged": ["a"]}
-    chosen = [d for d in map(str, range(1000)) if is_heldout(d, 10)]
-    assert 60 < len(chosen) < 140 and chosen == [d for d in map(str, range(1000)) if is_heldout(d, 10)]
+    ids = list(map(str, range(1000)))
+    chosen = [d for d, held in zip(ids, heldout_mask(ids, 0.1), strict=True) if held]
+    assert 60 < len(chosen) < 140 and chosen == [
+        d for d, held in zip(ids, heldout_mask(ids, 0.1), strict=True) if held
+    ]
 
 
+@pytest.mark.slow
 def test_refresh_runs_incrementally(prefect_harness, tmp_path, catalog, tiny_bi_encoder, capsys):
     workspace = tmp_path / "ws"
     path = _write_catalog(catalog, tmp_path / "styles.csv")
@@ -95,13 +119,30 @@ def test_refresh_runs_incrementally(prefect_harness, tmp_path, catalog, tiny_bi_
 
     # the serving index follows the catalog: removed products gone, new ones searchable
     serving = registry.current("catalog-text")
-    indexed = set(pq.read_table(registry.path("catalog-text", serving) / "index" / "docs.parquet")
-                  .column("doc_id").to_pylist())
+    indexed = set(
+        pq.read_table(registry.path("catalog-text", serving) / "index" / "docs.parquet")
+        .column("doc_id")
+        .to_pylist()
+    )
     assert catalog[0]["id"] not in indexed and catalog[1]["id"] not in indexed
     assert {"90000", "90001", "90002"} <= indexed and len(indexed) == 121
     capsys.readouterr()
-    assert main(["search", "Brand new aurora parka 1", "--model-name", "catalog-text", "--workspace",
-                 str(workspace), "--json", "--top-k", "3"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "Brand new aurora parka 1",
+                "--model-name",
+                "catalog-text",
+                "--workspace",
+                str(workspace),
+                "--json",
+                "--top-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     assert "90001" in [h["doc_id"] for h in hits]
 
@@ -139,8 +180,10 @@ def test_refresh_refuses_bad_catalog_rows(tmp_path, catalog, capsys):
     assert "dup.csv" in out and "duplicate product id" in out
 
 
-def test_a_crash_before_promotion_leaves_the_previous_model_serving(prefect_harness, tmp_path, catalog,
-                                                                    tiny_bi_encoder, monkeypatch):
+@pytest.mark.slow
+def test_a_crash_before_promotion_leaves_the_previous_model_serving(
+    prefect_harness, tmp_path, catalog, tiny_bi_encoder, monkeypatch
+):
     workspace = tmp_path / "ws"
     path = _write_catalog(catalog[:60], tmp_path / "styles.csv")
     assert _refresh(path, workspace, tiny_bi_encoder) == 0
@@ -150,6 +193,7 @@ def test_a_crash_before_promotion_leaves_the_previous_model_serving(prefect_harn
     state = state_file.read_text()
 
     _write_catalog(catalog[:70], path)  # 10 new products
+
     def crash(*args, **kwargs):
         raise RuntimeError("power cut between training and promotion")
 
@@ -170,16 +214,20 @@ def test_a_crash_before_promotion_leaves_the_previous_model_serving(prefect_harn
     assert json.loads(state_file.read_text())["runs"] == 2
 
 
-def test_a_refresh_adapts_only_the_query_side_and_keeps_the_catalog_embeddings(prefect_harness, tmp_path, catalog,
-                                                                               tiny_bi_encoder):
-    from tasks.embeddings import text_hash
-    from tasks.search import Searcher
+@pytest.mark.slow
+def test_a_refresh_adapts_only_the_query_side_and_keeps_the_catalog_embeddings(
+    prefect_harness, tmp_path, catalog, tiny_bi_encoder
+):
+    from tasks.core.embeddings import text_hash
+    from tasks.serving.search import Searcher
 
     workspace = tmp_path / "ws"
     path = _write_catalog(catalog[:60], tmp_path / "styles.csv")
     assert _refresh(path, workspace, tiny_bi_encoder) == 0
     registry = Registry(workspace)
-    adapted = [v for v in registry.versions("catalog-text") if registry.card("catalog-text", v).get("labels_key")]
+    adapted = [
+        v for v in registry.versions("catalog-text") if registry.card("catalog-text", v).get("labels_key")
+    ]
     assert adapted, "the full run registers its trained model"
     registry.promote("catalog-text", adapted[-1], reason="test: serve the adapted model")
     full_model = registry.path("catalog-text", adapted[-1])
@@ -196,9 +244,12 @@ def test_a_refresh_adapts_only_the_query_side_and_keeps_the_catalog_embeddings(p
     # the new model encoded held-out queries only: no catalog text went through it
     new_caches = set((workspace / "cache" / "embeddings").iterdir()) - caches
     assert len(new_caches) == 1
-    encoded = {h for part in new_caches.pop().glob("part-*.parquet")
-               for h in pq.read_table(part).column("text_hash").to_pylist()}
-    from tasks.corpus import read_products
+    encoded = {
+        h
+        for part in new_caches.pop().glob("part-*.parquet")
+        for h in pq.read_table(part).column("text_hash").to_pylist()
+    }
+    from tasks.core.products import read_products
 
     catalog_hashes = {text_hash(t) for t in read_products(path).texts()}
     assert encoded and not encoded & catalog_hashes
@@ -215,7 +266,10 @@ def test_a_refresh_adapts_only_the_query_side_and_keeps_the_catalog_embeddings(p
     assert rows[65]["id"] in [h.doc_id for h in searcher.search(rows[65]["productDisplayName"], k=5)]
 
     # once the catalog has drifted past the share, a refresh trains both towers again
-    rows += [dict(r, id=f"8000{n}", productDisplayName=f"Spring linen shirt {n}") for n, r in enumerate(catalog[80:90])]
+    rows += [
+        dict(r, id=f"8000{n}", productDisplayName=f"Spring linen shirt {n}")
+        for n, r in enumerate(catalog[80:90])
+    ]
     _write_catalog(rows, path)
     time.sleep(1.1)
     assert _refresh(path, workspace, tiny_bi_encoder, "--full-retrain-share", "0.25") == 0  # 21 of 80 since

@@ -16,12 +16,16 @@ def test_help_lists_commands_and_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     text = capsys.readouterr().out
+    flat = " ".join(text.split())
     for name, field in EvaluateConfig.model_fields.items():
-        assert "--" + name.replace("_", "-") in text
-        assert field.description.split()[0] in text
+        # the option, then its whole help text (argparse wraps lines), not just a word that the epilog may hold
+        option = "--" + name.replace("_", "-")
+        assert option in flat
+        help_at = flat.index(" ".join(field.description.split()), flat.index(option))
+        assert help_at - flat.index(option, flat.index("options:")) < 80, name
 
 
-def test_bad_arguments_get_a_clear_message_and_exit_2(capsys, tmp_path, scifact_sample):
+def test_bad_arguments_get_a_clear_message_and_exit_2(prefect_harness, capsys, tmp_path, scifact_sample):
     assert main(["evaluate", "--data", str(tmp_path / "none")]) == 2
     assert "expected a BEIR folder" in capsys.readouterr().out
     assert main(["evaluate", "--data", str(scifact_sample), "--top-k", "3"]) == 2
@@ -46,24 +50,28 @@ def test_config_file_errors_name_the_file_and_line(capsys, tmp_path, scifact_sam
     assert "--topk: Extra inputs are not permitted" in capsys.readouterr().out
 
 
-def test_options_override_config_file_which_overrides_defaults(tmp_path):
-    from flows.options import build_config
+def test_options_override_config_file_which_overrides_defaults(tmp_path, scifact_sample):
+    from flows.cli.options import build_config
 
     config_file = tmp_path / "c.yaml"
-    config_file.write_text("data: some/folder\ntop_k: 50\nbatch_size: 8\n")
+    config_file.write_text(f"data: {scifact_sample}\ntop_k: 50\nbatch_size: 8\n")
     args = build_parser().parse_args(["evaluate", "--top-k", "20"])
     config = build_config(EvaluateConfig, args, config_file)
-    assert config.top_k == 20 and config.batch_size == 8 and str(config.data) == "some/folder"
+    assert config.top_k == 20 and config.batch_size == 8 and str(config.data) == str(scifact_sample)
     assert config.split == EvaluateConfig.model_fields["split"].default
 
 
-def test_evaluate_runs_the_flow_and_publishes_report(prefect_harness, tmp_path, scifact_sample, tiny_bi_encoder, capsys):
+def test_evaluate_runs_the_flow_and_publishes_report(
+    prefect_harness, tmp_path, scifact_sample, tiny_bi_encoder, capsys
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     folder = write_beir_subset(scifact_sample, tmp_path / "beir", n_queries=10, n_docs=40)
     output = tmp_path / "report.json"
-    code = main(["evaluate", "--data", str(folder), "--models", str(tiny_bi_encoder), "--output", str(output)])
+    code = main(
+        ["evaluate", "--data", str(folder), "--models", str(tiny_bi_encoder), "--output", str(output)]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "nDCG@10" in out and "BM25" in out
@@ -72,5 +80,6 @@ def test_evaluate_runs_the_flow_and_publishes_report(prefect_harness, tmp_path, 
     assert all(r["n_queries"] == 10 and 0 <= r["metrics"]["nDCG@10"] <= 1 for r in reports)
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrieval-evaluation"])))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrieval-evaluation"]))
+        )
     assert artifacts and "| BM25 (k1=0.9, b=0.4) |" in artifacts[-1].data

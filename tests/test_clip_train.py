@@ -1,12 +1,14 @@
 import numpy as np
 import pytest
 
-from finetune.clip import ClipTrainConfig, train_clip, train_lit, wise_ft
-from tasks.corpus import read_catalog
-from tasks.image_text import load_catalog_encoder, model_kind, new_lit_encoder
-from tasks.image_tower import ImageTowerConfig
-from tasks.models import ModelNotAvailableError
-from tasks.pairs import build_pairs
+from finetune.clip.clip_model import train_clip, wise_ft
+from finetune.clip.config import ClipTrainConfig
+from finetune.clip.lit import train_lit
+from tasks.catalog.encoders import load_catalog_encoder, model_kind, new_lit_encoder
+from tasks.catalog.image_tower import ImageTowerConfig
+from tasks.catalog.pairs import build_pairs
+from tasks.core.models import ModelNotAvailableError
+from tasks.core.products import read_catalog
 
 TINY_TOWER = ImageTowerConfig(image_size=(80, 60), widths=(8, 16), blocks=(1, 1))
 
@@ -118,7 +120,7 @@ def test_wise_ft_ratio_zero_returns_the_zero_shot_model_and_frozen_towers_stay_p
 def test_locked_text_loss_falls_and_the_saved_model_reloads_in_the_text_index_space(
     sample_pairs, minilm_caption_vectors, tmp_path
 ):
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     encoder = new_lit_encoder("all-MiniLM-L6-v2", TINY_TOWER, seed=1)
     assert encoder.embedding_dim == 384  # the tower's output follows the text tower
@@ -153,7 +155,7 @@ def test_locked_text_loss_falls_and_the_saved_model_reloads_in_the_text_index_sp
 def test_identical_captions_are_not_each_others_negatives():
     import torch
 
-    from finetune.clip import caption_groups, contrastive_targets
+    from finetune.clip.loop import caption_groups, contrastive_targets
 
     groups = torch.from_numpy(caption_groups(["a", "b", "a", "c"]))
     targets = contrastive_targets(groups)
@@ -164,7 +166,7 @@ def test_identical_captions_are_not_each_others_negatives():
 def test_cluster_batches_hold_similar_products_and_cover_every_product_once(
     minilm_caption_vectors, sample_pairs
 ):
-    from finetune.clip import caption_clusters, epoch_order
+    from finetune.clip.loop import caption_clusters, epoch_order
 
     clusters = caption_clusters(minilm_caption_vectors, 6, seed=0)
     assert np.array_equal(clusters, caption_clusters(minilm_caption_vectors, 6, seed=0))  # seeded
@@ -248,7 +250,7 @@ def test_training_resumes_from_its_checkpoint_exactly(sample_pairs, minilm_capti
 
 
 def test_time_budget_stops_training_and_a_rerun_resumes_it(sample_pairs, minilm_caption_vectors, tmp_path):
-    from finetune.clip import epochs_that_fit
+    from finetune.clip.loop import epochs_that_fit
 
     assert epochs_that_fit(16, 1, 60.0, 60.0, 40 * 60.0) == 16
     assert epochs_that_fit(16, 1, 300.0, 300.0, 40 * 60.0) == 8
@@ -282,7 +284,7 @@ def test_time_budget_stops_training_and_a_rerun_resumes_it(sample_pairs, minilm_
 
 def test_the_budget_replans_at_the_second_epochs_pace(sample_pairs, minilm_caption_vectors, monkeypatch):
     """A slow first epoch cuts the plan; the faster second one lets it grow back to what fits."""
-    import finetune.clip as clip
+    import finetune.clip.loop as clip_loop
 
     clock = {"now": 0.0}
 
@@ -300,7 +302,7 @@ def test_the_budget_replans_at_the_second_epochs_pace(sample_pairs, minilm_capti
         # so the first epoch (steps 1-3) is timed at 2 x 100 s and the second at 3 x 10 s
         clock["now"] += 100.0 if step <= 2 else 10.0
 
-    monkeypatch.setattr(clip, "time", FakeTime)
+    monkeypatch.setattr(clip_loop, "time", FakeTime)
     result = train_lit(
         new_lit_encoder("all-MiniLM-L6-v2", TINY_TOWER),
         sample_pairs.pixels,

@@ -3,7 +3,8 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.corpus import DataError, read_beir, read_catalog, read_corpus, read_qrels, read_queries
+from tasks.core.corpus import DataError, read_beir, read_corpus, read_qrels, read_queries
+from tasks.core.products import read_catalog
 
 
 def write(path, text, encoding="utf-8"):
@@ -25,8 +26,16 @@ def test_beir_sample_reads_into_the_corpus_contract(scifact_sample):
 
 
 def test_content_hash_follows_the_content_only(tmp_path):
-    a = read_corpus(write(tmp_path / "a.jsonl", jsonl([{"_id": "1", "title": "T", "text": "x"}, {"_id": "2", "text": "y"}])))
-    b = read_corpus(write(tmp_path / "b.jsonl", jsonl([{"_id": "1", "title": "T", "text": "x"}, {"_id": "2", "text": "z"}])))
+    a = read_corpus(
+        write(
+            tmp_path / "a.jsonl", jsonl([{"_id": "1", "title": "T", "text": "x"}, {"_id": "2", "text": "y"}])
+        )
+    )
+    b = read_corpus(
+        write(
+            tmp_path / "b.jsonl", jsonl([{"_id": "1", "title": "T", "text": "x"}, {"_id": "2", "text": "z"}])
+        )
+    )
     assert a.docs["content_hash"][0] == b.docs["content_hash"][0]
     assert a.docs["content_hash"][1] != b.docs["content_hash"][1]
     assert a.key != b.key
@@ -48,13 +57,18 @@ def test_missing_id_and_missing_text_field(tmp_path):
     with pytest.raises(DataError, match="line 2: no document id"):
         read_corpus(write(tmp_path / "a.jsonl", jsonl([{"_id": "1", "text": "a"}, {"text": "b"}])))
     with pytest.raises(DataError, match="line 2: no document text"):
-        read_corpus(write(tmp_path / "b.jsonl", jsonl([{"_id": "1", "text": "a"}, {"_id": "2", "title": "b"}])))
+        read_corpus(
+            write(tmp_path / "b.jsonl", jsonl([{"_id": "1", "text": "a"}, {"_id": "2", "title": "b"}]))
+        )
     with pytest.raises(DataError, match="line 1: field '_id' .* is empty"):
         read_corpus(write(tmp_path / "c.jsonl", jsonl([{"_id": " ", "text": "a"}])))
 
 
 def test_duplicate_ids_name_both_lines(tmp_path):
-    path = write(tmp_path / "c.jsonl", jsonl([{"_id": "7", "text": "a"}, {"_id": "8", "text": "b"}, {"_id": "7", "text": "c"}]))
+    path = write(
+        tmp_path / "c.jsonl",
+        jsonl([{"_id": "7", "text": "a"}, {"_id": "8", "text": "b"}, {"_id": "7", "text": "c"}]),
+    )
     with pytest.raises(DataError, match=r"line 3: duplicate document id '7' \(first at line 1\)"):
         read_corpus(path)
 
@@ -66,7 +80,12 @@ def test_undecodable_bytes_name_the_line(tmp_path):
 
 
 def test_empty_documents_are_reported_and_left_out(tmp_path, caplog):
-    path = write(tmp_path / "c.jsonl", jsonl([{"_id": "1", "text": "a"}, {"_id": "2", "title": "", "text": "  "}, {"_id": "3", "text": "c"}]))
+    path = write(
+        tmp_path / "c.jsonl",
+        jsonl(
+            [{"_id": "1", "text": "a"}, {"_id": "2", "title": "", "text": "  "}, {"_id": "3", "text": "c"}]
+        ),
+    )
     corpus = read_corpus(path)
     assert corpus.ids == ["1", "3"]
     assert [(s.doc_id, s.line) for s in corpus.skipped] == [("2", 2)]
@@ -79,14 +98,18 @@ def test_only_empty_documents_is_an_error(tmp_path):
 
 
 def test_csv_tsv_and_parquet_corpora(tmp_path):
-    csv_corpus = read_corpus(write(tmp_path / "c.csv", 'doc_id,title,text\n1,Title,"multi\nline, with comma"\n2,,plain\n'))
+    csv_corpus = read_corpus(
+        write(tmp_path / "c.csv", 'doc_id,title,text\n1,Title,"multi\nline, with comma"\n2,,plain\n')
+    )
     assert csv_corpus.ids == ["1", "2"] and csv_corpus.docs["text"][0] == "multi\nline, with comma"
     tsv_corpus = read_corpus(write(tmp_path / "c.tsv", "id\ttext\nA\tone\nB\ttwo\n"))
     assert tsv_corpus.ids == ["A", "B"]
     pd.DataFrame({"id": ["x", "y"], "body": ["first", "second"]}).to_parquet(tmp_path / "c.parquet")
     parquet_corpus = read_corpus(tmp_path / "c.parquet")
     assert parquet_corpus.ids == ["x", "y"] and parquet_corpus.texts() == ["first", "second"]
-    mapped = read_corpus(write(tmp_path / "m.csv", "key,words\nk1,hello\n"), id_field="key", text_field="words")
+    mapped = read_corpus(
+        write(tmp_path / "m.csv", "key,words\nk1,hello\n"), id_field="key", text_field="words"
+    )
     assert mapped.ids == ["k1"]
 
 
@@ -113,9 +136,13 @@ def test_unknown_format_and_missing_file(tmp_path):
 
 
 def test_queries_errors(tmp_path):
-    assert read_queries(write(tmp_path / "q.jsonl", jsonl([{"_id": "q1", "text": "what"}])))["query_id"].tolist() == ["q1"]
+    assert read_queries(write(tmp_path / "q.jsonl", jsonl([{"_id": "q1", "text": "what"}])))[
+        "query_id"
+    ].tolist() == ["q1"]
     with pytest.raises(DataError, match="line 2: duplicate query id 'q1'"):
-        read_queries(write(tmp_path / "d.jsonl", jsonl([{"_id": "q1", "text": "a"}, {"_id": "q1", "text": "b"}])))
+        read_queries(
+            write(tmp_path / "d.jsonl", jsonl([{"_id": "q1", "text": "a"}, {"_id": "q1", "text": "b"}]))
+        )
     with pytest.raises(DataError, match="line 1: field 'text' is empty"):
         read_queries(write(tmp_path / "e.jsonl", jsonl([{"_id": "q1", "text": None}])))
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.registry import Registry
-from tasks.search import Searcher
+from tasks.core.registry import Registry
+from tasks.serving.search import Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -31,7 +31,9 @@ def _free_port() -> int:
 
 
 def _prefect(env, *args, timeout=300):
-    result = subprocess.run([PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -40,17 +42,25 @@ def _prefect(env, *args, timeout=300):
 def server(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     while True:
         try:
@@ -76,16 +86,45 @@ def test_catalog_refresh_deployment_runs_on_a_real_server(server, tmp_path, tiny
     assert "0 2 * * *" in inspected  # the nightly schedule is on the server
 
     workspace = tmp_path / "ws"
-    params = {"config": {"catalog": str(ROOT / "data" / "fashion-sample" / "styles.csv"), "workspace": str(workspace),
-                         "base_model": str(tiny_bi_encoder), "max_seq_length": 32,
-                         "train": {"max_steps": 2, "batch_size": 8, "max_seq_length": 32}}}
+    params = {
+        "config": {
+            "catalog": str(ROOT / "data" / "fashion-sample" / "styles.csv"),
+            "workspace": str(workspace),
+            "base_model": str(tiny_bi_encoder),
+            "max_seq_length": 32,
+            "train": {"max_steps": 2, "batch_size": 8, "max_seq_length": 32},
+        }
+    }
     worker_log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "local-process"], cwd=ROOT, env=env,
-                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "local-process"],
+        cwd=ROOT,
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        run = subprocess.run([PREFECT, "deployment", "run", "catalog-refresh/catalog-refresh", "--params",
-                              json.dumps(params), "--watch", "--watch-interval", "3", "--watch-timeout", "900"],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1000)
+        run = subprocess.run(
+            [
+                PREFECT,
+                "deployment",
+                "run",
+                "catalog-refresh/catalog-refresh",
+                "--params",
+                json.dumps(params),
+                "--watch",
+                "--watch-interval",
+                "3",
+                "--watch-timeout",
+                "900",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1000,
+        )
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)

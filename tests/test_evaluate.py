@@ -3,12 +3,12 @@ import math
 import pandas as pd
 import pytest
 
-from tasks.corpus import Corpus, content_hash, read_beir
-from tasks.evaluate import (
+from tasks.core.bm25 import bm25_search
+from tasks.core.corpus import Corpus, content_hash, read_beir
+from tasks.core.evaluation import (
     MEASURES,
     EvalReport,
     aggregate,
-    bm25_search,
     compare_per_query,
     dense_search,
     evaluate_bm25,
@@ -23,8 +23,17 @@ from helpers import write_beir_subset
 
 
 def make_corpus(texts: dict[str, str]) -> Corpus:
-    rows = [{"doc_id": k, "title": "", "text": v, "image": None, "content_hash": content_hash("", v), "attributes": None}
-            for k, v in texts.items()]
+    rows = [
+        {
+            "doc_id": k,
+            "title": "",
+            "text": v,
+            "image": None,
+            "content_hash": content_hash("", v),
+            "attributes": None,
+        }
+        for k, v in texts.items()
+    ]
     return Corpus(pd.DataFrame(rows), source="memory")
 
 
@@ -44,7 +53,7 @@ def test_scores_follow_the_metric_definitions():
 
 
 def test_dense_search_can_leave_the_query_itself_out(tiny_bi_encoder):
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     model = load_sentence_transformer(str(tiny_bi_encoder))
     corpus = make_corpus({"a": "red shoes for running", "b": "blue jeans", "c": "red running shoes"})
@@ -56,18 +65,28 @@ def test_dense_search_can_leave_the_query_itself_out(tiny_bi_encoder):
 
 
 def test_bm25_ranks_the_matching_document_first():
-    corpus = make_corpus({"1": "the mitochondria is the powerhouse of the cell",
-                          "2": "stock markets fell sharply on monday", "3": "a recipe for bread"})
-    run = bm25_search(corpus, pd.DataFrame({"query_id": ["q"], "text": ["mitochondrial powerhouses"]}), top_k=3)
+    corpus = make_corpus(
+        {
+            "1": "the mitochondria is the powerhouse of the cell",
+            "2": "stock markets fell sharply on monday",
+            "3": "a recipe for bread",
+        }
+    )
+    run = bm25_search(
+        corpus, pd.DataFrame({"query_id": ["q"], "text": ["mitochondrial powerhouses"]}), top_k=3
+    )
     assert max(run["q"], key=run["q"].get) == "1"
     assert "3" not in run["q"]  # no shared term: no score
 
 
 @pytest.fixture(scope="module")
 def small_scifact(tmp_path_factory, scifact_sample):
-    return read_beir(write_beir_subset(scifact_sample, tmp_path_factory.mktemp("beir"), n_queries=60, n_docs=200))
+    return read_beir(
+        write_beir_subset(scifact_sample, tmp_path_factory.mktemp("beir"), n_queries=60, n_docs=200)
+    )
 
 
+@pytest.mark.slow
 def test_minilm_retrieves_scifact_well_and_beats_a_random_model(small_scifact, tiny_bi_encoder):
     minilm = evaluate_model("all-MiniLM-L6-v2", small_scifact, show_progress=False)
     random_model = evaluate_model(str(tiny_bi_encoder), small_scifact, show_progress=False)

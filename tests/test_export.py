@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from tasks.export import OnnxEncoder, export_onnx
-from tasks.registry import Registry
+from tasks.core.registry import Registry
+from tasks.serving.export import OnnxEncoder, export_onnx
 
 
 @pytest.fixture()
@@ -21,11 +21,13 @@ def registered(tmp_path, tiny_bi_encoder):
 
 
 def test_export_matches_pytorch_and_loads_back(tmp_path, tiny_bi_encoder):
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     summary = export_onnx(tiny_bi_encoder, tmp_path / "onnx", int8=True, min_cosine=0.9)
     assert summary["parity_ok"] and summary["fp32"]["min_cosine"] > 0.9999
-    assert (tmp_path / "onnx" / "model-int8.onnx").is_file()  # tiny: the fp32 embedding table dominates its size
+    assert (
+        tmp_path / "onnx" / "model-int8.onnx"
+    ).is_file()  # tiny: the fp32 embedding table dominates its size
     assert summary["int8"]["size_mb"] <= summary["fp32"]["size_mb"]
     texts = ["a brand new sentence", "another one, longer than the first one by a few words"]
     got = OnnxEncoder(tmp_path / "onnx").encode(texts)

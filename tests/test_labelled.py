@@ -4,8 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.corpus import (
-    DataError,
+from tasks.core.corpus import DataError
+from tasks.labelled.eval_set import build_eval_set
+from tasks.labelled.evaluation import classification_metrics, evaluate_labelled
+from tasks.labelled.readers import (
     LabelledData,
     detect_labelled_kind,
     read_label_groups,
@@ -13,11 +15,8 @@ from tasks.corpus import (
     read_labelled_pairs,
     read_query_pairs,
 )
-from tasks.labelled import (
-    build_eval_set,
-    classification_metrics,
+from tasks.labelled.splits import (
     duplicate_groups,
-    evaluate_labelled,
     labelled_pairs,
     positive_pairs,
     prepare_labelled,
@@ -201,16 +200,24 @@ def test_quora_eval_set_queries_with_first_question_and_leaves_it_out(quora_samp
 
 def test_row_queries_judge_only_their_own_partner(tiny_bi_encoder):
     data = pairs_data(
-        [["a cat sat", "the cat sat", 1], ["a cat sat", "a cat was sitting", 1], ["dogs bark", "dogs are loud", 1],
-         ["dogs bark", "cats purr", 0]]
+        [
+            ["a cat sat", "the cat sat", 1],
+            ["a cat sat", "a cat was sitting", 1],
+            ["dogs bark", "dogs are loud", 1],
+            ["dogs bark", "cats purr", 0],
+        ]
     )
     by_text, by_row = build_eval_set(data), build_eval_set(data, queries="rows")
     assert len(by_text.retrieval.queries) == 2 and len(by_row.retrieval.queries) == 3
     assert len(by_row.retrieval.corpus) == len(by_text.retrieval.corpus) == 6
     ids = dict(zip(by_row.retrieval.corpus.docs["text"], by_row.retrieval.corpus.ids, strict=True))
-    assert sorted(by_text.retrieval.qrels[ids["a cat sat"]]) == sorted([ids["the cat sat"], ids["a cat was sitting"]])
+    assert sorted(by_text.retrieval.qrels[ids["a cat sat"]]) == sorted(
+        [ids["the cat sat"], ids["a cat was sitting"]]
+    )
     assert [list(j) for j in by_row.retrieval.qrels.values()] == [
-        [ids["the cat sat"]], [ids["a cat was sitting"]], [ids["dogs are loud"]]
+        [ids["the cat sat"]],
+        [ids["a cat was sitting"]],
+        [ids["dogs are loud"]],
     ]
     assert list(by_row.retrieval.queries["text"]) == ["a cat sat", "a cat sat", "dogs bark"]
     report = evaluate_labelled(str(tiny_bi_encoder), by_row, show_progress=False)
@@ -218,8 +225,10 @@ def test_row_queries_judge_only_their_own_partner(tiny_bi_encoder):
     for query, hits in report.retrieval.top_hits.items():  # the query's own text is never retrieved
         assert by_row.query_doc(query) not in hits and len(hits) == 5
     with pytest.raises(ValueError, match="needs labelled pairs"):
-        build_eval_set(LabelledData("groups", pd.DataFrame({"text": ["x", "y"], "label": [1, 1], "line": 0}), "m"),
-                       queries="rows")
+        build_eval_set(
+            LabelledData("groups", pd.DataFrame({"text": ["x", "y"], "label": [1, 1], "line": 0}), "m"),
+            queries="rows",
+        )
 
 
 def test_pair_classification_metrics_at_best_threshold():

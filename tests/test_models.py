@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from tasks.models import ModelNotAvailableError, load_sentence_transformer, resolve_model
+from tasks.core.models import ModelNotAvailableError, load_sentence_transformer, resolve_model
 
 
 def test_local_directory_resolves_and_loads(tiny_bi_encoder):

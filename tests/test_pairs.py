@@ -5,18 +5,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.corpus import DataError, read_catalog
-from tasks.pairs import (
+from tasks.catalog.pairs import (
     DEFAULT_CAPTION_TEMPLATE,
     build_pairs,
     check_catalog_columns,
-    holdout_mask,
     load_pairs,
     pairs_stage,
     render_caption,
     split_pairs,
     template_fields,
 )
+from tasks.core.corpus import DataError
+from tasks.core.heldout import heldout_mask
+from tasks.core.products import read_catalog
 
 
 def small_catalog(tmp_path, fashion_sample, n=8):
@@ -136,13 +137,13 @@ def test_caption_template_naming_an_unknown_field_is_a_data_error(tmp_path, fash
 
 def test_holdout_split_is_by_id_stable_and_disjoint(fashion_sample):
     ids = [str(i) for i in range(5000)]
-    mask = holdout_mask(ids, 0.2)
+    mask = heldout_mask(ids, 0.2)
     assert 0.17 < mask.mean() < 0.23
     # a product's side does not depend on the others: a shuffled, grown catalog keeps every old decision
     grown = ids[::-1] + [str(i) for i in range(5000, 6000)]
-    again = dict(zip(grown, holdout_mask(grown, 0.2), strict=True))
+    again = dict(zip(grown, heldout_mask(grown, 0.2), strict=True))
     assert all(again[i] == m for i, m in zip(ids, mask, strict=True))
-    assert not np.array_equal(mask, holdout_mask(ids, 0.2, salt="other"))
+    assert not np.array_equal(mask, heldout_mask(ids, 0.2, salt="other"))
     pairs = build_pairs(read_catalog(fashion_sample / "styles.csv"), show_progress=False)
     train, held = split_pairs(pairs, 0.2)
     assert len(train) + len(held) == 400 and not set(train.ids) & set(held.ids)

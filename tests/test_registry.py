@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from tasks.registry import Registry, RegistryError, RegistryLockedError
+from tasks.core.registry import Registry, RegistryError, RegistryLockedError
 
 
 def model_dir(tmp_path, name, payload="w"):
@@ -16,7 +16,11 @@ def model_dir(tmp_path, name, payload="w"):
 
 def test_register_versions_and_cards(tmp_path):
     registry = Registry(tmp_path / "ws")
-    v1 = registry.register("retriever", model_dir(tmp_path, "a"), {"base_model": "all-MiniLM-L6-v2", "metrics_after": {"nDCG@10": 0.7}})
+    v1 = registry.register(
+        "retriever",
+        model_dir(tmp_path, "a"),
+        {"base_model": "all-MiniLM-L6-v2", "metrics_after": {"nDCG@10": 0.7}},
+    )
     v2 = registry.register("retriever", model_dir(tmp_path, "b"), {"base_model": "all-MiniLM-L6-v2"})
     assert (v1, v2) == ("v0001", "v0002") and registry.versions("retriever") == ["v0001", "v0002"]
     card = registry.card("retriever", v1)
@@ -72,6 +76,7 @@ def _register_one(workspace, source, results):
         results.put(repr(exc))
 
 
+@pytest.mark.slow
 def test_lock_holds_across_processes(tmp_path):
     context = multiprocessing.get_context("spawn")
     ready = context.Event()

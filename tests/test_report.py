@@ -1,7 +1,7 @@
 from PIL import Image
 
-from tasks.evaluate import MEASURES, EvalReport
-from tasks.report import (
+from tasks.core.evaluation import MEASURES, EvalReport
+from tasks.core.report import (
     before_after_markdown,
     example_matches,
     examples_markdown,
@@ -17,14 +17,24 @@ def report(name, ndcg, hits):
 
 
 def test_before_after_examples_and_timings(tmp_path):
-    before = report("base", {"q1": 0.0, "q2": 1.0, "q3": 0.5}, {"q1": ["d2", "d1"], "q2": ["d3"], "q3": ["d1"]})
-    after = report("tuned", {"q1": 1.0, "q2": 0.5, "q3": 0.5}, {"q1": ["d1", "d2"], "q2": ["d2", "d3"], "q3": ["d1"]})
+    before = report(
+        "base", {"q1": 0.0, "q2": 1.0, "q3": 0.5}, {"q1": ["d2", "d1"], "q2": ["d3"], "q3": ["d1"]}
+    )
+    after = report(
+        "tuned", {"q1": 1.0, "q2": 0.5, "q3": 0.5}, {"q1": ["d1", "d2"], "q2": ["d2", "d3"], "q3": ["d1"]}
+    )
     table = before_after_markdown(before, after)
     assert "| nDCG@10 | 0.5000 | 0.6667 | +0.1667 |" in table
     assert "1 improved, 1 worsened, 1 unchanged (of 3)" in table
-    examples = example_matches(before, after, {"q1": "first?", "q2": "second?"},
-                               {"d1": "Doc one", "d2": "Doc two", "d3": "Doc three"},
-                               {"q1": {"d1": 1}, "q2": {"d3": 1}}, n=2, k=2)
+    examples = example_matches(
+        before,
+        after,
+        {"q1": "first?", "q2": "second?"},
+        {"d1": "Doc one", "d2": "Doc two", "d3": "Doc three"},
+        {"q1": {"d1": 1}, "q2": {"d3": 1}},
+        n=2,
+        k=2,
+    )
     assert [e["query_id"] for e in examples] == ["q1", "q2"]
     assert examples[0]["after"][0] == {"doc_id": "d1", "title": "Doc one", "relevant": True}
     assert examples[0]["before"][0]["relevant"] is False
@@ -34,7 +44,12 @@ def test_before_after_examples_and_timings(tmp_path):
 
 
 def test_plot_series_writes_a_png(tmp_path):
-    path = plot_series({"train": [(1, 2.0), (2, 1.0)], "eval": [(2, 1.5)]}, tmp_path / "loss.png",
-                       title="loss", xlabel="step", ylabel="loss")
+    path = plot_series(
+        {"train": [(1, 2.0), (2, 1.0)], "eval": [(2, 1.5)]},
+        tmp_path / "loss.png",
+        title="loss",
+        xlabel="step",
+        ylabel="loss",
+    )
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (700, 400)

@@ -8,13 +8,13 @@ import json
 import numpy as np
 
 from flows.cli import main
-from tasks.corpus import read_catalog
-from tasks.registry import Registry
-from tasks.search import ImageSearcher
+from tasks.core.products import read_catalog
+from tasks.core.registry import Registry
+from tasks.serving.search import ImageSearcher
 
 
 def test_image_search_over_the_catalog(tmp_path, fashion_sample, tiny_bi_encoder, capsys):
-    from tasks.image_text import new_lit_encoder
+    from tasks.catalog.encoders import new_lit_encoder
 
     with (fashion_sample / "styles.csv").open() as handle:
         rows = list(csv.DictReader(handle))[:60]
@@ -35,13 +35,29 @@ def test_image_search_over_the_catalog(tmp_path, fashion_sample, tiny_bi_encoder
     version = registry.register("catalog-clip", saved, {"data": str(catalog), "base_model": "tiny"})
     registry.promote("catalog-clip", version)
 
-    assert main(["search", "men black track pants", "--images", "--top-k", "5", "--json",
-                 "--workspace", str(workspace)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "men black track pants",
+                "--images",
+                "--top-k",
+                "5",
+                "--json",
+                "--workspace",
+                str(workspace),
+            ]
+        )
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     products = read_catalog(catalog)
     assert len(hits) == 5 and {h["doc_id"] for h in hits} <= set(products.ids)
     # the ranking is the encoder's own: text vector against every image vector
-    scores = encoder.encode_images(products.docs["image"].tolist()) @ encoder.encode_text(["men black track pants"])[0]
+    scores = (
+        encoder.encode_images(products.docs["image"].tolist())
+        @ encoder.encode_text(["men black track pants"])[0]
+    )
     expected = [products.ids[i] for i in np.argsort(-scores)[:5]]
     assert [h["doc_id"] for h in hits] == expected
     assert all(h["snippet"].endswith(".jpg") for h in hits)  # the image path

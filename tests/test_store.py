@@ -3,7 +3,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from tasks.store import MANIFEST, IncompleteStageError, Store, chunked, stage_key
+from tasks.core.store import MANIFEST, IncompleteStageError, Store, chunked, stage_key
 
 
 def table(values):
@@ -33,8 +33,16 @@ def test_write_commit_read_roundtrip(tmp_path):
     assert store.is_complete("queries", "k1")
     assert store.read("queries", "k1").column("value").to_pylist() == [float(v) for v in range(10)]
     manifest = ref.manifest
-    assert manifest["rows"] == 10 and manifest["parts"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    assert manifest["config"] == {"n": 2} and manifest["inputs"] == ["corpus-key"] and manifest["note"] == "hello"
+    assert manifest["rows"] == 10 and manifest["parts"] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    assert (
+        manifest["config"] == {"n": 2}
+        and manifest["inputs"] == ["corpus-key"]
+        and manifest["note"] == "hello"
+    )
     assert manifest["schema"] == {"doc_id": "string", "value": "double"}
     assert manifest["timings"]["seconds"] >= 0
     assert store.keys("queries") == ["k1"]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finetune.search import SearchSettings, plot_trials, run_search, trials_markdown
+from finetune.hparam_search import SearchSettings, plot_trials, run_search, trials_markdown
 from finetune.supervised import (
     LOSSES,
     TrainSettings,
@@ -20,8 +20,9 @@ from finetune.supervised import (
     train_supervised,
     training_datasets,
 )
-from tasks.corpus import LabelledData, read_labelled
-from tasks.labelled import build_eval_set, positive_pairs, split_no_shared_text
+from tasks.labelled.eval_set import build_eval_set
+from tasks.labelled.readers import LabelledData, read_labelled
+from tasks.labelled.splits import positive_pairs, split_no_shared_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"learning_rate": 1e-3, "batch_size": 16, "epochs": 1, "max_seq_length": 32}
@@ -66,7 +67,7 @@ def test_each_loss_trains_and_changes_the_weights(tmp_path, tiny_bi_encoder, sma
 
 
 def test_groups_and_query_rows_train_with_their_default_losses(tmp_path, tiny_bi_encoder):
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     texts = [
         f"how do I {verb} my {thing}"
@@ -109,7 +110,7 @@ def test_groups_and_query_rows_train_with_their_default_losses(tmp_path, tiny_bi
 
 
 def test_mined_negatives_are_never_duplicates_and_no_pair_is_lost(tmp_path, tiny_bi_encoder, small_pairs):
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     train, _ = small_pairs
     table = positive_pairs(train)
@@ -140,7 +141,7 @@ def test_in_batch_negatives_are_never_duplicates_of_the_anchor(tiny_bi_encoder):
     import torch
     from datasets import Dataset
 
-    from tasks.models import load_sentence_transformer
+    from tasks.core.models import load_sentence_transformer
 
     # a-b, b-c, c-d are one duplicate group (chained); without the group column a-b and c-d could share a batch
     rows = [(f"q{i}", f"q{i + 1}", 1) for i in range(0, 12)] + [(f"x{i}", f"y{i}", 1) for i in range(12)]
@@ -167,6 +168,7 @@ def test_in_batch_negatives_are_never_duplicates_of_the_anchor(tiny_bi_encoder):
     assert any(k.startswith("anchor_") for k in collated) and not any(k.startswith("group") for k in collated)
 
 
+@pytest.mark.slow
 def test_two_trial_search_picks_the_best_and_reports(tmp_path, tiny_bi_encoder, small_pairs):
     train, validation = small_pairs
     seen = []
@@ -201,6 +203,7 @@ def test_two_trial_search_picks_the_best_and_reports(tmp_path, tiny_bi_encoder, 
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_pruned_trials_stop_early_and_keep_no_model(tmp_path, tiny_bi_encoder, small_pairs):
     import optuna
 
@@ -226,6 +229,7 @@ def test_pruned_trials_stop_early_and_keep_no_model(tmp_path, tiny_bi_encoder, s
     assert "(" in trials_markdown(result).splitlines()[-1]  # a pruned trial's last value, in parentheses
 
 
+@pytest.mark.slow
 def test_a_failed_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_bi_encoder, small_pairs):
     from optuna.trial import TrialState
     from transformers import TrainerCallback
@@ -277,10 +281,11 @@ import sys, time
 sys.path.insert(0, {tests!r})
 from tasks import _env
 from transformers import TrainerCallback
-from finetune.search import SearchSettings, run_search
+from finetune.hparam_search import SearchSettings, run_search
 from finetune.supervised import TrainSettings
-from tasks.corpus import read_labelled
-from tasks.labelled import build_eval_set, split_no_shared_text
+from tasks.labelled.readers import read_labelled
+from tasks.labelled.eval_set import build_eval_set
+from tasks.labelled.splits import split_no_shared_text
 
 class HangOnSecondTrial(TrainerCallback):
     calls = 0
@@ -298,6 +303,7 @@ run_search(train, build_eval_set(validation), base=TrainSettings(model={model!r}
 """
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_and_reruns_only_the_cut_off_trial(
     tmp_path, tiny_bi_encoder, small_pairs, quora_sample
 ):
@@ -370,7 +376,7 @@ def test_training_refuses_to_overwrite_and_reports_bad_matryoshka_sizes(
 
 
 def test_search_result_json_round_trip(tmp_path):
-    from finetune.search import SearchResult, load_result, save_result
+    from finetune.hparam_search import SearchResult, load_result, save_result
 
     result = SearchResult(
         "s",

@@ -22,7 +22,7 @@ def test_help_explains_every_option(capsys):
         assert " ".join(field.description.split()[:3]) in text
 
 
-def test_bad_arguments_get_a_clear_message_and_exit_2(capsys, tmp_path, quora_sample):
+def test_bad_arguments_get_a_clear_message_and_exit_2(prefect_harness, capsys, tmp_path, quora_sample):
     train = str(quora_sample / "train.tsv")
     with pytest.raises(SystemExit) as info:
         main(["supervised", "--train", train, "--loss", "cosine"])
@@ -50,13 +50,14 @@ def test_bad_arguments_get_a_clear_message_and_exit_2(capsys, tmp_path, quora_sa
     assert "not in the hub cache" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_supervised_flow_with_search_registers_and_publishes(
     prefect_harness, tmp_path, quora_sample, tiny_bi_encoder, capsys
 ):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.registry import Registry
+    from tasks.core.registry import Registry
 
     train = subset(quora_sample / "train.tsv", tmp_path / "train.tsv", 300)
     evaluation = subset(quora_sample / "test.tsv", tmp_path / "test.tsv", 200)
@@ -110,8 +111,12 @@ def test_supervised_flow_with_search_registers_and_publishes(
     card = registry.card("supervised", report["version"])
     assert card["metrics_after"]["MRR@10"] == report["metrics_after"]["MRR@10"]
     assert card["search"]["best_params"] == report["search"]["best_params"]
+    # the gate compared the reported scores: the base model's and the new one's on --metric
+    new, old = report["metrics_after"]["MRR@10"], report["metrics_before"]["MRR@10"]
+    assert report["promoted"] == (new > old)
+    assert f"{new:.4f}" in report["decision"] and f"{old:.4f}" in report["decision"]
     assert (registry.current("supervised") == report["version"]) == report["promoted"]
-    assert registry.history("supervised")[-1]["event"] in {"promoted", "rejected"}
+    assert registry.history("supervised")[-1]["event"] == ("promoted" if report["promoted"] else "rejected")
     with get_client(sync_client=True) as client:
         artifacts = {
             key: client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))

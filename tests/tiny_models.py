@@ -28,8 +28,14 @@ def copy_bert_tokenizer(target: Path) -> None:
 def tiny_bert_config(**overrides):
     from transformers import BertConfig
 
-    settings = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64, max_position_embeddings=512)
+    settings = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     settings.update(overrides)
     return BertConfig(**settings)
 
@@ -46,8 +52,9 @@ def build_tiny_bi_encoder(target: Path, seed: int = 0) -> Path:
     BertModel(tiny_bert_config()).save_pretrained(raw, safe_serialization=True)
     copy_bert_tokenizer(raw)
     transformer = Transformer(str(raw), max_seq_length=128)
-    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension()), Normalize()],
-                                device="cpu")
+    model = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension()), Normalize()], device="cpu"
+    )
     model.save(str(target))
     shutil.rmtree(raw)
     return target
@@ -59,7 +66,9 @@ def build_tiny_cross_encoder(target: Path, seed: int = 0) -> Path:
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
-    BertForSequenceClassification(tiny_bert_config(num_labels=1)).save_pretrained(target, safe_serialization=True)
+    BertForSequenceClassification(tiny_bert_config(num_labels=1)).save_pretrained(
+        target, safe_serialization=True
+    )
     copy_bert_tokenizer(target)
     return target
 
@@ -70,8 +79,18 @@ def build_tiny_t5(target: Path, seed: int = 0) -> Path:
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
-                      pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=30522,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=102,
+        decoder_start_token_id=0,
+    )
     T5ForConditionalGeneration(config).save_pretrained(target, safe_serialization=True)
     copy_bert_tokenizer(target)
     return target

@@ -1,0 +1,159 @@
+"""Pseudo-labels: a teacher scores (query, positive) and (query, negative); margin = pos - neg.
+
+The labels stage reads the negatives stage and writes the labels table of the data contract
+(``query_id, pos_id, neg_id, score_pos, score_neg, margin``) in parts, so a crash resumes at the
+last finished part. The teachers are in :mod:`tasks.text.teachers`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.text.teachers import OFFLINE
+
+log = logging.getLogger(__name__)
+
+
+LABELS_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("pos_id", pa.string()),
+        ("neg_id", pa.string()),
+        ("score_pos", pa.float32()),
+        ("score_neg", pa.float32()),
+        ("margin", pa.float32()),
+    ]
+)
+
+
+class LabelConfig(BaseModel):
+    """Teacher settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = Field(
+        OFFLINE,
+        description="'offline' (BM25 + dense hybrid, no model), or a cross-encoder: "
+        "directory, bundled name or hub id",
+    )
+    bm25_weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="offline teacher: weight of BM25 against the dense score (both z-scored per query)",
+    )
+    pool: int = Field(
+        100,
+        ge=10,
+        description="offline teacher: candidates per retriever whose scores set the per-query normalisation",
+    )
+    batch_size: int = Field(32, ge=1, description="cross-encoder batch size")
+    max_length: int = Field(350, ge=16, description="cross-encoder: tokens per (query, passage) pair")
+    part_size: int = Field(2048, ge=1, description="queries per stored part (the unit of crash recovery)")
+
+
+def label_triples(
+    negatives: pa.Table,
+    query_text: Callable[[str], str],
+    positive_text: Callable[[str], str],
+    doc_text: Callable[[str], str],
+    teacher: Any,
+) -> pa.Table:
+    """Labels for a block of mined negatives: one row per (query, positive, negative)."""
+    query_ids, pos_ids, neg_ids, queries, positives, passages = [], [], [], [], [], []
+    for query_id, pos_id, negs in zip(
+        negatives.column("query_id").to_pylist(),
+        negatives.column("pos_id").to_pylist(),
+        negatives.column("neg_ids").to_pylist(),
+        strict=True,
+    ):
+        for neg_id in negs:
+            query_ids.append(query_id)
+            pos_ids.append(pos_id)
+            neg_ids.append(neg_id)
+            queries.append(query_text(query_id))
+            positives.append(positive_text(query_id))
+            passages.append(doc_text(neg_id))
+    if not query_ids:
+        return LABELS_SCHEMA.empty_table()
+    # score each distinct (query, positive) pair once
+    unique_pos = list(dict.fromkeys(zip(queries, positives, strict=True)))
+    pos_scores = dict(
+        zip(unique_pos, teacher.score([q for q, _ in unique_pos], [p for _, p in unique_pos]), strict=True)
+    )
+    score_pos = np.asarray(
+        [pos_scores[(q, p)] for q, p in zip(queries, positives, strict=True)], dtype=np.float32
+    )
+    score_neg = np.asarray(teacher.score(queries, passages), dtype=np.float32)
+    return pa.Table.from_pydict(
+        {
+            "query_id": query_ids,
+            "pos_id": pos_ids,
+            "neg_id": neg_ids,
+            "score_pos": score_pos,
+            "score_neg": score_neg,
+            "margin": score_pos - score_neg,
+        },
+        schema=LABELS_SCHEMA,
+    )
+
+
+def positive_passage(query: Any, texts: dict[str, str]) -> str:
+    """The passage a query was made from: its own ``positive`` column, else its whole document."""
+    positive = query["positive"]
+    return positive if isinstance(positive, str) and positive else texts[query["doc_id"]]
+
+
+def label_stage(
+    store: Any,
+    negatives_ref: Any,
+    queries_ref: Any,
+    corpus: Any,
+    teacher: Any,
+    teacher_fingerprint: str,
+    config: LabelConfig,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Any:
+    """Teacher margins for every mined (query, positive, negative), stored in resumable parts."""
+    from tasks.core.store import chunked, stage_key
+
+    settings = config.model_dump(mode="json")
+    key = stage_key(
+        "labels", settings, inputs=[negatives_ref.key, queries_ref.key], models=[teacher_fingerprint]
+    )
+    if store.is_complete("labels", key):
+        return store.ref("labels", key)
+    queries = store.read_pandas("queries", queries_ref.key).set_index("query_id")
+    negatives = store.read("negatives", negatives_ref.key)
+    texts = dict(zip(corpus.ids, corpus.texts(), strict=True))
+    writer = store.open(
+        "labels",
+        key,
+        config=settings,
+        inputs=[negatives_ref.key, queries_ref.key],
+        models=[teacher_fingerprint],
+    )
+    parts = list(chunked(range(negatives.num_rows), config.part_size))
+    for part, rows in parts:
+        if not writer.has_part(part):
+            block = negatives.slice(rows.start, len(rows))
+            writer.write_part(
+                part,
+                label_triples(
+                    block,
+                    query_text=lambda q: queries.at[q, "text"],
+                    positive_text=lambda q: positive_passage(queries.loc[q], texts),
+                    doc_text=texts.__getitem__,
+                    teacher=teacher,
+                ),
+            )
+        if progress:
+            progress(part + 1, len(parts))
+    return writer.commit(empty_schema=LABELS_SCHEMA, teacher=getattr(teacher, "name", "teacher"))

@@ -1,0 +1,153 @@
+"""Teachers: score (query, passage) pairs for pseudo-labels and for the consistency filter.
+
+Teachers implement ``score(queries, passages) -> float32 array`` over aligned pairs.
+
+* :class:`CrossEncoderTeacher`: a cross-encoder by name (GPL: cross-encoder/ms-marco-MiniLM-L-6-v2),
+  raw logits (no sigmoid), so margins keep GPL's scale (~10-20).
+* :class:`OfflineTeacher`: needs no extra model: BM25 (bm25s statistics) and the dense bi-encoder,
+  each normalised per query (z-score over the query's candidate pool: the union of both
+  retrievers' top ``pool`` documents) and mixed with weight ``bm25_weight``.
+* :func:`source_ranker`: each generated query's rank of its own document under the offline
+  teacher, which the consistency filter of :mod:`tasks.text.queries` keeps or drops it by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+OFFLINE = "offline"
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+class OfflineTeacher:
+    """Hybrid BM25 + dense teacher with per-query z-score normalisation (see module docstring).
+
+    ``bm25`` is a tasks.core.bm25.BM25Index of the corpus, ``dense`` anything with ``embed(texts)``
+    returning unit vectors (an EmbeddingCache of the bi-encoder), ``doc_embeddings`` the corpus rows.
+    """
+
+    name = OFFLINE
+
+    def __init__(
+        self, bm25: Any, dense: Any, doc_embeddings: np.ndarray, *, bm25_weight: float = 0.5, pool: int = 100
+    ):
+        self.bm25 = bm25
+        self.dense = dense
+        self.doc_embeddings = doc_embeddings
+        self.weight = bm25_weight
+        self.pool = pool
+        self._stats: dict[bytes, tuple[float, float, float, float]] = {}
+
+    def _raw_rows(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 and cosine scores of each query against every corpus document; records the z-score stats."""
+        embeddings = self.dense.embed(list(queries))
+        token_ids = self.bm25.query_ids(queries)
+        n_docs = len(self.doc_embeddings)
+        bm25_rows = np.empty((len(queries), n_docs), dtype=np.float32)
+        dense_rows = np.asarray(embeddings @ self.doc_embeddings.T, dtype=np.float32)
+        k = min(self.pool, n_docs - 1)
+        for i, (query, ids) in enumerate(zip(queries, token_ids, strict=True)):
+            bm25_rows[i] = self.bm25.all_scores(ids)
+            key = _digest(query)
+            if key not in self._stats:
+                if k > 0:
+                    pool = np.union1d(
+                        np.argpartition(-dense_rows[i], k)[:k], np.argpartition(-bm25_rows[i], k)[:k]
+                    )
+                else:
+                    pool = np.arange(n_docs)
+                b, d = bm25_rows[i, pool], dense_rows[i, pool]
+                self._stats[key] = (
+                    float(b.mean()),
+                    float(b.std()) + 1e-6,
+                    float(d.mean()),
+                    float(d.std()) + 1e-6,
+                )
+        return bm25_rows, dense_rows
+
+    def query_stats(self, queries: Sequence[str]) -> np.ndarray:
+        """(bm25 mean, bm25 std, dense mean, dense std) over each query's candidate pool, one row per query."""
+        missing = list(dict.fromkeys(q for q in queries if _digest(q) not in self._stats))
+        for start in range(0, len(missing), 512):
+            self._raw_rows(missing[start : start + 512])
+        return np.asarray([self._stats[_digest(q)] for q in queries], dtype=np.float64).reshape(-1, 4)
+
+    def score(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        """Hybrid scores of aligned (query, passage) pairs; passages need not be corpus documents."""
+        stats = self.query_stats(queries)
+        bm25 = self.bm25.score_pairs(queries, passages).astype(np.float64)
+        dense = np.einsum("ij,ij->i", self.dense.embed(list(queries)), self.dense.embed(list(passages)))
+        z_bm25 = (bm25 - stats[:, 0]) / stats[:, 1]
+        z_dense = (dense.astype(np.float64) - stats[:, 2]) / stats[:, 3]
+        return (self.weight * z_bm25 + (1 - self.weight) * z_dense).astype(np.float32)
+
+    def rank_rows(self, queries: Sequence[str]) -> np.ndarray:
+        """Hybrid scores of each query against every corpus document (one row per query)."""
+        bm25_rows, dense_rows = self._raw_rows(queries)
+        stats = self.query_stats(queries).astype(np.float32)
+        z_bm25 = (bm25_rows - stats[:, :1]) / stats[:, 1:2]
+        z_dense = (dense_rows - stats[:, 2:3]) / stats[:, 3:4]
+        return self.weight * z_bm25 + (1 - self.weight) * z_dense
+
+
+def source_ranker(
+    teacher: OfflineTeacher, index_ids: Sequence[str], source_ids: Sequence[str], source_texts: Sequence[str]
+):
+    """``rank_of_source`` for the consistency filter of tasks.text.queries: each query's rank of its source
+    passage among every other document of the teacher's index (0 = first).
+
+    ``source_ids``/``source_texts`` are the documents queries are generated for (positions in them
+    are what the generator passes); ``index_ids`` the teacher's document order. A query's own
+    positive (an inverse-cloze passage) is scored when given, else its whole source document.
+    """
+    positions = {d: i for i, d in enumerate(index_ids)}
+
+    def rank_of_source(texts, positives, sources):
+        rows = teacher.rank_rows(texts)
+        own = teacher.score(
+            texts, [p if p is not None else source_texts[s] for p, s in zip(positives, sources, strict=True)]
+        )
+        ranks = []
+        for i, source in enumerate(sources):
+            row = rows[i].copy()
+            row[positions[source_ids[source]]] = -np.inf
+            ranks.append(int((row > own[i]).sum()))
+        return ranks
+
+    return rank_of_source
+
+
+class CrossEncoderTeacher:
+    """A cross-encoder's raw logits as teacher scores."""
+
+    def __init__(self, model_name: str, *, batch_size: int = 32, max_length: int = 350, device: str = "cpu"):
+        from tasks.core.models import load_cross_encoder, resolve_model
+
+        self.resolved = resolve_model(model_name)
+        self.name = model_name
+        self.model = load_cross_encoder(self.resolved, device=device, max_length=max_length)
+        self.batch_size = batch_size
+
+    def score(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        import torch
+
+        pairs = list(zip(queries, passages, strict=True))
+        scores = self.model.predict(
+            pairs,
+            batch_size=self.batch_size,
+            activation_fn=torch.nn.Identity(),
+            show_progress_bar=False,
+            convert_to_numpy=True,
+        )
+        return np.asarray(scores, dtype=np.float32).reshape(-1)
