@@ -80,7 +80,12 @@ def main() -> None:
     new_positions, changed_positions = set(shuffled[:count]), set(shuffled[count : 2 * count])
     base = [r for i, r in enumerate(rows) if i not in new_positions]
     catalog = args.workspace / "styles.csv"
-    settings = {"catalog": str(catalog), "workspace": str(args.workspace / "ws")}
+    # the images stay in the data folder, outside the catalog's: the refresh reads them from the image root
+    settings = {
+        "catalog": str(catalog),
+        "workspace": str(args.workspace / "ws"),
+        "image_root": str((args.data / "images").resolve()),
+    }
     if args.train_minutes is not None:
         settings["train"] = {"time_budget_minutes": args.train_minutes, "max_seq_length": 128}
     config = RefreshConfig.model_validate(settings)
@@ -138,7 +143,7 @@ def main() -> None:
                 "queries_generated_for",
             )
         },
-        "settings": config.model_dump(mode="json", exclude={"catalog", "workspace"}),
+        "settings": config.model_dump(mode="json", exclude={"catalog", "workspace", "image_root"}),
         "machine": {"cpus": 2, "python": platform.python_version()},
     }
     table = Table("run", "seconds", "trained", "nDCG@10 before", "nDCG@10 after", "promoted")

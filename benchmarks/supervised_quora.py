@@ -100,7 +100,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from finetune.hparam_search import SearchSettings, run_search, trials_markdown
+    from finetune.hparam_report import trials_markdown
+    from finetune.hparam_search import SearchSettings, run_search
     from finetune.supervised import TrainSettings, train_supervised
     from tasks.core.store import stage_key, write_json_atomic
     from tasks.labelled.eval_set import build_eval_set

@@ -37,7 +37,7 @@ PARAMS = ("model", "loss", "learning_rate", "batch_size", "epochs", "warmup_rati
 class SearchSettings(BaseModel):
     """What the search explores and how: the single source of these defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     search: int = Field(
         0,
@@ -230,6 +230,19 @@ def _recover_crashed_trials(study: Any) -> int:
     return queued
 
 
+def remove_stale_staging(study_dir: Path, live_trials: Sequence[int] = ()) -> int:
+    """Remove the ``.trial-NNNN.*`` staging folders a crash left that no live trial owns; returns how many."""
+    stale = [
+        p
+        for p in study_dir.glob(".trial-*.*")
+        if p.is_dir() and (owner := p.name[7:].split(".")[0]).isdigit() and int(owner) not in live_trials
+    ]
+    for folder in stale:
+        shutil.rmtree(folder)
+    log.info("removed %d staging folder(s) of trials a crash cut off, in %s", len(stale), study_dir)
+    return len(stale)
+
+
 def run_search(
     train: LabelledData,
     validation: EvalSet,
@@ -281,6 +294,7 @@ def run_search(
         )
         resumed = len(study.trials) > 0
         _recover_crashed_trials(study)
+        remove_stale_staging(workdir)  # we hold the study's lock: no trial is live
         if not resumed:
             study.set_user_attr("metric", metric)
             defaults = default_params(base, space, train.kind)
@@ -416,63 +430,6 @@ def _trial_row(trial: Any, metric: str) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- reports
-
-
-def trials_markdown(result: SearchResult) -> str:
-    """One row per trial: state, parameters, the objective and time; the best in bold."""
-    lines = [
-        f"| trial | state | model | loss | learning rate | batch | epochs | warm-up | hard negatives "
-        f"| {result.metric} | seconds |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for t in result.trials:
-        value = (
-            f"{t['value']:.4f}"
-            if t["value"] is not None
-            else (f"({list(t['intermediate'].values())[-1]:.4f})" if t["intermediate"] else "")
-        )
-        if t["number"] == result.best_trial:
-            value = f"**{value}**"
-        label = (
-            f"{t['number']}"
-            + (" (defaults)" if t["default"] else "")
-            + (f" (retry of {t['retry_of']})" if t["retry_of"] is not None else "")
-        )
-        lr = f"{t['learning_rate']:.2e}" if t["learning_rate"] is not None else ""
-        warmup = f"{t['warmup_ratio']:.2f}" if t["warmup_ratio"] is not None else ""
-        model = Path(str(t["model"])).name if t["model"] else ""
-        seconds = f"{t['seconds']:.0f}" if t["seconds"] else ""
-        lines.append(
-            f"| {label} | {t['state'].lower()} | {model} | {t['loss'] or ''} | {lr} | {t['batch_size'] or ''} "
-            f"| {t['epochs'] or ''} | {warmup} | {'' if t.get('hard_negatives') is None else t['hard_negatives']} "
-            f"| {value} | {seconds} |"
-        )
-    return "\n".join(lines)
-
-
-def plot_trials(result: SearchResult, path: str | Path) -> Path:
-    """The objective of each finished trial and the best so far, as a PNG."""
-    from tasks.core.report import plot_series
-
-    done = [(t["number"], t["value"]) for t in result.trials if t["value"] is not None]
-    best: list[tuple[float, float]] = []
-    for number, value in done:
-        best.append((number, max(value, best[-1][1]) if best else value))
-    pruned = [
-        (t["number"], list(t["intermediate"].values())[-1])
-        for t in result.trials
-        if t["state"] == "PRUNED" and t["intermediate"]
-    ]
-    series = {"objective": done, "best so far": best}
-    if pruned:
-        series["pruned (last value)"] = pruned
-    return plot_series(
-        series,
-        path,
-        title=f"Search: {result.metric} on the validation set per trial",
-        xlabel="trial",
-        ylabel=result.metric,
-    )
 
 
 def save_result(result: SearchResult, path: str | Path) -> Path:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune.guards import check_loss, divergence_callback, no_model_card_widgets, quiet_trainer_logs
 from tasks import _env  # noqa: F401
 from tasks.core.store import write_json_atomic
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 class TrainConfig(BaseModel):
     """MarginMSE training settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: float = Field(
         1.0, gt=0, description="passes over the training rows (ignored when max-steps is set)"
@@ -250,6 +251,7 @@ def train_marginmse(
     final_dir = output_dir / "model"
     done = output_dir / "result.json"
     if (finished := _finished(output_dir)) is not None:  # a rerun does no work
+        log.info("training: reused the finished run in %s (%d steps)", output_dir, finished.steps)
         return finished
     checkpoints = output_dir / "checkpoints"
     torch.manual_seed(config.seed)
@@ -288,6 +290,7 @@ def train_marginmse(
         eval_strategy="steps" if eval_set is not None else "no",
         eval_steps=config.eval_steps,
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the divergence guard
         report_to=[],
         disable_tqdm=progress is not None,
         use_cpu=True,
@@ -296,6 +299,7 @@ def train_marginmse(
         dataloader_num_workers=0,
         save_only_model=False,
     )
+    no_model_card_widgets(model)
     budget = _TimeBudget(config.time_budget_minutes)
     trainer = SentenceTransformerTrainer(
         model=model,
@@ -303,11 +307,12 @@ def train_marginmse(
         train_dataset=train_set,
         eval_dataset=eval_set,
         loss=MarginMSELoss(model),
-        callbacks=[budget.make(), _Progress(progress).make()],
+        callbacks=[budget.make(), _Progress(progress).make(), divergence_callback()],
     )
+    quiet_trainer_logs(trainer)
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume:
-        log.info("resuming training from %s", resume)
+        log.info("training: resumed from the checkpoint %s", resume)
     start = time.time()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - start
@@ -344,7 +349,7 @@ def _save_model(model: Any, output_dir: Path, final_dir: Path) -> None:
     """Write the model to ``final_dir`` through a staging folder: it is there whole or not at all."""
     staging = output_dir / ".model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save(str(staging))
+    model.save(str(staging), create_model_card=False)
     shutil.rmtree(final_dir, ignore_errors=True)
     staging.rename(final_dir)
 
@@ -407,6 +412,7 @@ def train_query_side(
     final_dir = output_dir / "model"
     done = output_dir / "result.json"
     if (finished := _finished(output_dir)) is not None:
+        log.info("training: reused the finished run in %s (%d steps)", output_dir, finished.steps)
         return finished
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -453,6 +459,7 @@ def train_query_side(
         neg = torch.from_numpy(negatives[batch])
         student = (query * pos).sum(-1, keepdim=True) - torch.einsum("bd,bkd->bk", query, neg)
         loss = F.mse_loss(student, torch.from_numpy(margins[batch]))
+        check_loss(float(loss.detach()), step + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune.guards import divergence_callback, no_model_card_widgets, quiet_trainer_logs
 from tasks.labelled.eval_set import EvalSet
 from tasks.labelled.evaluation import LabelledReport, evaluate_labelled
 from tasks.labelled.readers import LabelledData
@@ -64,7 +65,7 @@ class TrainSettings(BaseModel):
     """How one model is fine-tuned: the single source of these defaults for the flow, the CLI and
     the hyper-parameter search."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(
         "all-MiniLM-L6-v2", description="base model: a local directory, a bundled name or a hub id"
@@ -386,6 +387,7 @@ def train_supervised(
             eval_steps=eval_steps,
             save_strategy="no",
             logging_steps=max(1, min(50, total_steps // 20)),
+            logging_nan_inf_filter=False,  # a NaN loss must reach the divergence guard
             report_to="none",
             seed=settings.seed,
             data_seed=settings.seed,
@@ -393,6 +395,7 @@ def train_supervised(
             disable_tqdm=not show_progress,
             dataloader_drop_last=False,
         )
+        no_model_card_widgets(model)
         multi = len(datasets) > 1
         trainer = SentenceTransformerTrainer(
             model=model,
@@ -401,17 +404,14 @@ def train_supervised(
             loss=losses if multi else next(iter(losses.values())),
             evaluator=evaluator if eval_steps else None,
             data_collator=_make_collator(model),
-            callbacks=[history, *callbacks],
+            callbacks=[history, divergence_callback(), *callbacks],
         )
         if eval_steps:
             trainer.add_callback(EvaluateAtEnd())
-        if not show_progress:
-            from transformers.trainer_callback import PrinterCallback
-
-            trainer.remove_callback(PrinterCallback)  # it prints every log line when there is no progress bar
+        quiet_trainer_logs(trainer)
         trainer.train()
         staged = scratch / "model"
-        model.save(str(staged))
+        model.save(str(staged), create_model_card=False)
         staged.rename(output_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

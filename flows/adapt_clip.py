@@ -26,6 +26,7 @@ from flows.stages import (
 from tasks.catalog.evaluation import DEFAULT_ATTRIBUTE_QUERIES
 from tasks.catalog.pairs import DEFAULT_CAPTION_TEMPLATE
 from tasks.core.defaults import BASE_MODEL, CATALOG_CLIP_MODEL_NAME, DEFAULT_WORKSPACE, IMAGE_SIZE
+from tasks.core.markdown import md, md_code
 from tasks.core.settings import require_path
 
 CATALOG_METRICS = Literal["attribute_ndcg@10", "caption_recall@10", "caption_mrr", "image_precision@10"]
@@ -34,7 +35,7 @@ CATALOG_METRICS = Literal["attribute_ndcg@10", "caption_recall@10", "caption_mrr
 class ClipConfig(BaseModel):
     """Settings of `adapt clip` and of the `adapt-clip` flow."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     catalog: Path = Field(
         description="product catalog: CSV or Parquet with an id column, text fields and an image "
@@ -118,8 +119,10 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
     from tasks.catalog.pairs import check_catalog_columns
     from tasks.core.registry import Registry
     from tasks.core.timing import Stopwatch
+    from tasks.core.workspace import check_writable
 
     logger = get_run_logger()
+    check_writable(config.workspace)
     common = {"heldout_fraction": config.heldout_fraction, "split_salt": config.split_salt}
     evaluation = {
         **common,
@@ -254,8 +257,8 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
             if result["epochs_planned"] < config.train.epochs
             else ""
         )
-        + f". Loss curve: `{trained['loss_plot']}`.",
-        f"Registry: {config.model_name} {promotion.version}: {promotion.reason}.",
+        + f". Loss curve: {md_code(trained['loss_plot'])}.",
+        f"Registry: {md(config.model_name)} {promotion.version}: {md(promotion.reason)}.",
     ]
     published = publish_catalog_report_task(
         pairs.path,

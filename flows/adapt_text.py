@@ -44,7 +44,7 @@ class AdaptTextConfig(BaseModel):
     config is made: the command line, a YAML file, a deployment parameter or a Python call.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     corpus: Path = Field(
         description="the corpus: a BEIR folder (corpus.jsonl) or a JSONL/CSV/TSV/Parquet file"
@@ -121,10 +121,12 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
     from tasks.core.report import publish_markdown
     from tasks.core.store import Store, stage_key
     from tasks.core.timing import Stopwatch
+    from tasks.core.workspace import check_writable
     from tasks.text.pipeline import LabelPipeline, training_table
     from tasks.text.report import adaptation_report
 
     logger = get_run_logger()
+    check_writable(config.workspace)
     watch, store, registry = Stopwatch(), Store(config.workspace), Registry(config.workspace)
 
     # --- inputs, checked here once (bad input stops before any work, with the file and line)
@@ -220,6 +222,7 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
         before_cache,
         eval_data,
         f"before: {current or config.base_model}",
+        progress=progress_reporter(logger)("evaluation before: encoding the corpus"),
     )
     trained = load_sentence_transformer(str(result.model_dir))
     after_cache = EmbeddingCache(
@@ -229,7 +232,13 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
         max_seq_length=eval_length,
     )
     after = watch.run(
-        "evaluate after", len(eval_data.queries), evaluate_cached, after_cache, eval_data, "after: adapted"
+        "evaluate after",
+        len(eval_data.queries),
+        evaluate_cached,
+        after_cache,
+        eval_data,
+        "after: adapted",
+        progress=progress_reporter(logger)("evaluation after: encoding the corpus"),
     )
     decision = registry.register_and_gate(
         config.model_name,

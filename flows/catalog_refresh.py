@@ -57,10 +57,14 @@ class RefreshTrainConfig(TrainConfig):
 class RefreshConfig(BaseModel):
     """Settings of `adapt refresh` and of the `catalog-refresh` flow."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     catalog: Path = Field(
         description="the catalog (CSV/TSV/Parquet with an image column) or a corpus file/folder"
+    )
+    image_root: Path | None = Field(
+        None,
+        description="folder of the image files; none: look next to the catalog, then in its images/ folder",
     )
     model_name: str = Field(
         CATALOG_TEXT_MODEL_NAME, description="registry name of the catalog's text retriever"
@@ -118,6 +122,9 @@ class RefreshConfig(BaseModel):
 @flow(name="catalog-refresh", description="Incremental nightly adaptation of a catalog's text retriever.")
 def catalog_refresh_flow(config: RefreshConfig) -> dict:
     """Delta -> queries/labels of the delta -> train on them plus replay -> gate -> index -> snapshot."""
+    from tasks.core.workspace import check_writable
+
+    check_writable(config.workspace)
     folder = Path(config.workspace) / "refresh" / config.model_name
     with refresh_lock(folder, config.lock_timeout_seconds):
         return _refresh(config, folder)
@@ -150,7 +157,7 @@ def _refresh(config: RefreshConfig, folder: Path) -> dict:
     state = RefreshState.load(folder)
 
     # --- what changed
-    catalog = watch.run("read catalog", None, read_products, config.catalog)
+    catalog = watch.run("read catalog", None, read_products, config.catalog, image_root=config.image_root)
     watch.stages["read catalog"]["items"] = len(catalog)
     diff = diff_snapshot(state.snapshot, catalog.docs)
     counts = {k: len(v) for k, v in diff.items()}
@@ -283,6 +290,7 @@ def _refresh(config: RefreshConfig, folder: Path) -> dict:
             eval_data,
             f"before: {current or config.base_model}",
             doc_cache=cache,
+            progress=progress_reporter(logger)("evaluation before: encoding the catalog"),
         )
         trained_fingerprint = resolve_model(str(result.model_dir)).fingerprint
         after_cache = EmbeddingCache(
@@ -303,6 +311,7 @@ def _refresh(config: RefreshConfig, folder: Path) -> dict:
             eval_data,
             "after: refreshed",
             doc_cache=after_docs,
+            progress=progress_reporter(logger)("evaluation after: encoding the catalog"),
         )
         decision = registry.register_and_gate(
             config.model_name,
@@ -370,6 +379,7 @@ def _refresh(config: RefreshConfig, folder: Path) -> dict:
                 "corpus": str(config.catalog),
                 "data_key": catalog.key,
                 "kind": "sentence-transformer",
+                "config": json.loads(config.model_dump_json()),
                 "note": "the base model, served until an adapted version beats it",
             },
         )

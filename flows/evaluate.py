@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flows.stages import evaluate_bm25_task, evaluate_model_task, read_beir_task
 from tasks.core.defaults import BASE_MODEL, DEFAULT_WORKSPACE
 from tasks.core.evaluation import EvalReport, markdown_table, save_reports
+from tasks.core.markdown import md, md_code
 from tasks.core.report import publish_markdown
 from tasks.core.settings import require_beir_split
 
@@ -18,7 +19,7 @@ from tasks.core.settings import require_beir_split
 class EvaluateConfig(BaseModel):
     """Settings of `adapt evaluate` and of the `evaluate` flow."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: Path = Field(description="BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
     split: str = Field("test", description="which qrels/<split>.tsv to evaluate on")
@@ -45,8 +46,10 @@ class EvaluateConfig(BaseModel):
 def evaluate_flow(config: EvaluateConfig) -> dict:
     """Evaluate every model (and BM25), save the reports as JSON, publish a markdown artifact."""
     from tasks.core.models import resolve_model
+    from tasks.core.workspace import check_writable
 
     logger = get_run_logger()
+    check_writable(config.workspace)
     for name in config.models:  # an unknown model stops here, before any work
         resolve_model(name)
     data = read_beir_task(config.data, split=config.split)
@@ -64,8 +67,8 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
     output = config.output or config.workspace / "reports" / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path = save_reports(reports, output)
     publish_markdown(
-        f"# Retrieval evaluation\n\n{data.folder} [{data.split}]: {len(data.queries)} queries, "
-        f"{len(data.corpus)} documents\n\n{markdown_table(reports)}\n\nReport: `{path}`",
+        f"# Retrieval evaluation\n\n{md(data.folder)} \\[{md(data.split)}\\]: {len(data.queries)} queries, "
+        f"{len(data.corpus)} documents\n\n{markdown_table(reports)}\n\nReport: {md_code(path)}",
         key="retrieval-evaluation",
         description="metrics per system",
     )

@@ -129,7 +129,8 @@ def train_supervised_task(prepared, settings, output_dir: str, split: str = "tra
 def search_supervised_task(prepared, base, space, workdir: str, metric: str) -> dict:
     """The Optuna search (:func:`finetune.hparam_search.run_search`), scored on the validation split;
     saves its result and a plot of the trials next to the study."""
-    from finetune.hparam_search import plot_trials, run_search, save_result
+    from finetune.hparam_report import plot_trials
+    from finetune.hparam_search import run_search, save_result
     from tasks.labelled.eval_set import build_eval_set
 
     validation = build_eval_set(prepared.load("validation"), seed=base.seed)

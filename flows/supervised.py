@@ -20,6 +20,7 @@ from flows.stages import (
 )
 from tasks.core.defaults import DEFAULT_WORKSPACE, SUPERVISED_MODEL_NAME
 from tasks.core.evaluation import MEASURES
+from tasks.core.markdown import md, md_code
 from tasks.core.report import publish_markdown
 from tasks.core.settings import require_path
 from tasks.labelled.evaluation import PAIR_METRICS
@@ -30,7 +31,7 @@ METRICS = tuple(MEASURES) + tuple(f"pair {m}" for m in PAIR_METRICS)
 class SupervisedConfig(SearchSettings, TrainSettings):
     """Settings of `adapt supervised` and of the `supervised` flow."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     train: Path = Field(
         description="labelled training file (.tsv/.csv/.jsonl/.parquet): pairs (text1, text2, label "
@@ -93,16 +94,19 @@ class SupervisedConfig(SearchSettings, TrainSettings):
 )
 def supervised_flow(config: SupervisedConfig) -> dict:
     """Prepare the splits, train (or search), evaluate before/after, register and gate, report."""
-    from finetune.hparam_search import SearchResult, trials_markdown
+    from finetune.hparam_report import trials_markdown
+    from finetune.hparam_search import SearchResult
     from tasks.core.models import resolve_model
     from tasks.core.registry import Registry
     from tasks.core.report import timings_markdown
     from tasks.core.store import write_json_atomic
     from tasks.core.timing import Stopwatch
+    from tasks.core.workspace import check_writable
     from tasks.labelled.eval_set import build_eval_set
     from tasks.labelled.evaluation import LabelledReport, labelled_markdown
 
     logger = get_run_logger()
+    check_writable(config.workspace)
     watch = Stopwatch()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = config.workspace / "runs" / f"supervised-{stamp}"
@@ -214,12 +218,12 @@ def supervised_flow(config: SupervisedConfig) -> dict:
     eval_set = build_eval_set(prepared.load("eval"), seed=config.seed)
     watch.stages["total"] = {"seconds": watch.total()}
     sections = [
-        f"# Supervised fine-tuning: {config.model_name} {version}",
-        f"Training: `{config.train}` ({prepared.kind}, {prepared.rows['train']} rows"
+        f"# Supervised fine-tuning: {md(config.model_name)} {version}",
+        f"Training: {md_code(config.train)} ({prepared.kind}, {prepared.rows['train']} rows"
         + (f", {prepared.rows['validation']} held out to score search trials" if config.search else "")
-        + f"); evaluation: {prepared.eval_source} ({prepared.rows['eval']} rows). Loss: {trained['loss']}; "
-        f"base model: {settings_used.model}.",
-        f"**Promotion**: {decision}.",
+        + f"); evaluation: {md(prepared.eval_source)} ({prepared.rows['eval']} rows). Loss: {trained['loss']}; "
+        f"base model: {md(settings_used.model)}.",
+        f"**Promotion**: {md(decision)}.",
         labelled_markdown(before, after, eval_set),
     ]
     if search is not None:
@@ -227,7 +231,7 @@ def supervised_flow(config: SupervisedConfig) -> dict:
             f"**Search** ({len(search.trials)} trials, study `{search.study_name}`"
             + (", resumed" if search.resumed else "")
             + f"; {config.metric} on the validation rows; "
-            f"plot: `{search_info['plot']}`)",
+            f"plot: {md_code(search_info['plot'])})",
             trials_markdown(search),
         ]
     sections += ["**Timings**", timings_markdown(watch.stages)]

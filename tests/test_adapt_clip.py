@@ -43,19 +43,19 @@ def test_clip_help_explains_every_option(capsys):
 def test_clip_bad_arguments_get_a_clear_message_and_exit_2(prefect_harness, capsys, tmp_path, fashion_sample):
     catalog = str(fashion_sample / "styles.csv")
     assert main(["clip", "--catalog", str(tmp_path / "none.csv")]) == 2
-    assert "none.csv: file not found" in capsys.readouterr().out
+    assert "none.csv: file not found" in capsys.readouterr().err
     assert main(["clip", "--catalog", catalog, "--caption-template", "{colour} {articleType}"]) == 2
-    assert "line 2: no column(s) ['colour']" in " ".join(capsys.readouterr().out.split())
+    assert "line 2: no column(s) ['colour']" in " ".join(capsys.readouterr().err.split())
     assert main(["clip", "--catalog", catalog, "--heldout-fraction", "1.5"]) == 2
-    assert "--heldout-fraction: Input should be less than 1" in capsys.readouterr().out
+    assert "--heldout-fraction: Input should be less than 1" in capsys.readouterr().err
     assert main(["clip", "--catalog", catalog, "--train-wise-ft-ratio", "2"]) == 2
-    assert "--train-wise-ft-ratio: Input should be less than or equal to 1" in capsys.readouterr().out
+    assert "--train-wise-ft-ratio: Input should be less than or equal to 1" in capsys.readouterr().err
     assert main(["clip", "--catalog", catalog, "--model", "acme/not-here"]) == 2
-    assert "not in the hub cache" in capsys.readouterr().out
+    assert "not in the hub cache" in capsys.readouterr().err
     assert main(["clip", "--catalog", catalog, "--model", str(fashion_sample)]) == 2
-    assert "not a model directory" in capsys.readouterr().out
+    assert "not a model directory" in capsys.readouterr().err
     assert main(["clip"]) == 2
-    assert "--catalog: Field required" in capsys.readouterr().out
+    assert "--catalog: Field required" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["clip", "--catalog", catalog, "--train-epochs", "many"])
     assert info.value.code == 2

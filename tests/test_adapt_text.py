@@ -72,16 +72,16 @@ def test_text_help_explains_every_option(capsys):
 
 def test_bad_text_arguments_exit_2_with_the_reason(prefect_harness, capsys, tmp_path, small_beir):
     assert main(["text", "--corpus", str(tmp_path / "missing")]) == 2
-    assert "missing" in capsys.readouterr().out
+    assert "missing" in capsys.readouterr().err
     bad = tmp_path / "corpus.jsonl"
     bad.write_text('{"_id": "1", "text": "fine"}\n{"_id": "2", "text": \n')
     assert main(["text", "--corpus", str(bad)]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert str(bad) in out and "line 2" in out
     assert main(["text", "--corpus", str(small_beir), "--label-teacher", "acme/no-such-cross-encoder"]) == 2
-    assert "acme/no-such-cross-encoder" in capsys.readouterr().out
+    assert "acme/no-such-cross-encoder" in capsys.readouterr().err
     assert main(["text", "--corpus", str(small_beir), "--eval", str(small_beir), "--eval-split", "dev"]) == 2
-    assert "dev.tsv" in capsys.readouterr().out
+    assert "dev.tsv" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -165,7 +165,7 @@ def test_adapt_text_without_judgments_holds_out_generated_queries(
 def test_models_and_search_commands(prefect_harness, tmp_path, small_beir, tiny_bi_encoder, capsys):
     workspace = tmp_path / "ws"
     assert main(["search", "cells", "--workspace", str(workspace)]) == 2
-    assert "run `adapt text` first" in capsys.readouterr().out
+    assert "run `adapt text` first" in capsys.readouterr().err
     # no nDCG@10 can improve by more than 1: the gate must refuse, and a person may still promote it
     assert (
         main(
@@ -187,9 +187,9 @@ def test_models_and_search_commands(prefect_harness, tmp_path, small_beir, tiny_
     assert main(["models", "show", "text-retriever", "--workspace", str(workspace)]) == 0
     assert '"version": "v0001"' in capsys.readouterr().out
     assert main(["models", "show", "text-retriever", "v0009", "--workspace", str(workspace)]) == 2
-    assert "no version 'v0009'" in capsys.readouterr().out
+    assert "no version 'v0009'" in capsys.readouterr().err
     assert main(["models", "rollback", "text-retriever", "--workspace", str(workspace)]) == 2
-    assert "nothing to roll back to" in capsys.readouterr().out
+    assert "nothing to roll back to" in capsys.readouterr().err
 
     corpus = read_corpus(small_beir)
     title = corpus.docs["title"].iat[3]

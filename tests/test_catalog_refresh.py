@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -16,6 +18,10 @@ from tasks.core.heldout import heldout_mask
 from tasks.core.registry import Registry
 from tasks.core.store import Store
 from tasks.text.refresh import RefreshLockedError, diff_snapshot, refresh_lock
+
+# the catalogs below name the shipped sample's images by absolute path, outside the catalog's folder:
+# a refresh reads them only from the image root it is given
+IMAGES = Path(__file__).resolve().parents[1] / "data" / "fashion-sample" / "images"
 
 
 def _write_catalog(rows, path):
@@ -28,7 +34,7 @@ def _write_catalog(rows, path):
 
 @pytest.fixture()
 def catalog(tmp_path, fashion_sample):
-    """120 products of the shipped fashion sample, images referenced by absolute path."""
+    """120 products of the shipped fashion sample, images referenced by absolute path (in IMAGES)."""
     with (fashion_sample / "styles.csv").open() as handle:
         rows = list(csv.DictReader(handle))[:120]
     for row in rows:
@@ -36,7 +42,20 @@ def catalog(tmp_path, fashion_sample):
     return rows
 
 
-def _refresh(catalog_path, workspace, model, *extra):
+@pytest.fixture()
+def local_catalog(tmp_path, catalog):
+    """The same products with their images copied next to the catalog and named by relative path:
+    read with no image root (a base-model version's card records none, so a search of it has none)."""
+    (tmp_path / "images").mkdir()
+    rows = [dict(r) for r in catalog]
+    for row in rows:
+        image = Path(row["image"])
+        shutil.copyfile(image, tmp_path / "images" / image.name)
+        row["image"] = image.name
+    return rows
+
+
+def _refresh(catalog_path, workspace, model, *extra, image_root=IMAGES):
     return main(
         [
             "refresh",
@@ -56,6 +75,7 @@ def _refresh(catalog_path, workspace, model, *extra):
             "0.2",
             "--qgen-consistency-top-k",
             "30",
+            *(["--image-root", str(image_root)] if image_root else []),
             *extra,
         ]
     )
@@ -77,10 +97,10 @@ def test_diff_and_heldout_are_by_content_and_fixed():
 
 
 @pytest.mark.slow
-def test_refresh_runs_incrementally(prefect_harness, tmp_path, catalog, tiny_bi_encoder, capsys):
-    workspace = tmp_path / "ws"
+def test_refresh_runs_incrementally(prefect_harness, tmp_path, local_catalog, tiny_bi_encoder, capsys):
+    catalog, workspace = local_catalog, tmp_path / "ws"
     path = _write_catalog(catalog, tmp_path / "styles.csv")
-    assert _refresh(path, workspace, tiny_bi_encoder) == 0
+    assert _refresh(path, workspace, tiny_bi_encoder, image_root=None) == 0
     first = _last_report(workspace)
     assert first["changes"]["new"] == 120 and first["trained"]
     registry = Registry(workspace)
@@ -91,7 +111,7 @@ def test_refresh_runs_incrementally(prefect_harness, tmp_path, catalog, tiny_bi_
 
     # no change: no model work, nothing new in the store
     capsys.readouterr()
-    assert _refresh(path, workspace, tiny_bi_encoder) == 0
+    assert _refresh(path, workspace, tiny_bi_encoder, image_root=None) == 0
     assert "no change since the last refresh" in capsys.readouterr().out
     assert set(store.keys("queries")) == query_stages and registry.current("catalog-text") == serving
     assert len(list((workspace / "reports").glob("catalog-refresh-*.json"))) == 1
@@ -107,7 +127,7 @@ def test_refresh_runs_incrementally(prefect_harness, tmp_path, catalog, tiny_bi_
         edited.append(extra)
     path = _write_catalog(edited, tmp_path / "styles.csv")
     time.sleep(1.1)  # report names carry the second
-    assert _refresh(path, workspace, tiny_bi_encoder) == 0
+    assert _refresh(path, workspace, tiny_bi_encoder, image_root=None) == 0
     third = _last_report(workspace)
     assert third["changes"] == {"new": 3, "changed": 2, "removed": 2, "unchanged": 116}
     assert third["recomputed_unchanged"] == 0 and third["queries_generated_for"] == 5
@@ -176,7 +196,7 @@ def test_refresh_refuses_bad_catalog_rows(tmp_path, catalog, capsys):
     rows[2]["id"] = rows[0]["id"]
     path = _write_catalog(rows, tmp_path / "dup.csv")
     assert main(["refresh", "--catalog", str(path), "--workspace", str(tmp_path / "ws")]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "dup.csv" in out and "duplicate product id" in out
 
 
@@ -251,14 +271,14 @@ def test_a_refresh_adapts_only_the_query_side_and_keeps_the_catalog_embeddings(
     }
     from tasks.core.products import read_products
 
-    catalog_hashes = {text_hash(t) for t in read_products(path).texts()}
+    catalog_hashes = {text_hash(t) for t in read_products(path, image_root=IMAGES).texts()}
     assert encoded and not encoded & catalog_hashes
 
     # served, it searches the document encoder's embeddings with its own query encoder
     registry.promote("catalog-text", report["version"], reason="test: serve the query-side model")
     searcher = Searcher(workspace, "catalog-text")
     assert searcher.document_model is not searcher.model
-    products = read_products(path)
+    products = read_products(path, image_root=IMAGES)
     text = products.texts()[products.ids.index(searcher.docs[0]["doc_id"])]
     stored = searcher.index.reconstruct(0)
     assert stored @ searcher.encode_documents([text])[0] > 0.999

@@ -27,11 +27,11 @@ def test_help_lists_commands_and_every_option(capsys):
 
 def test_bad_arguments_get_a_clear_message_and_exit_2(prefect_harness, capsys, tmp_path, scifact_sample):
     assert main(["evaluate", "--data", str(tmp_path / "none")]) == 2
-    assert "expected a BEIR folder" in capsys.readouterr().out
+    assert "expected a BEIR folder" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(scifact_sample), "--top-k", "3"]) == 2
-    assert "--top-k: Input should be greater than or equal to 10" in capsys.readouterr().out
+    assert "--top-k: Input should be greater than or equal to 10" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(scifact_sample), "--models", "acme/not-here"]) == 2
-    assert "not in the hub cache" in capsys.readouterr().out
+    assert "not in the hub cache" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["evaluate", "--top-k", "many"])
     assert info.value.code == 2
@@ -42,12 +42,12 @@ def test_config_file_errors_name_the_file_and_line(capsys, tmp_path, scifact_sam
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("data: x\ntop_k: [1,\n")
     assert main(["evaluate", "--config", str(bad_yaml)]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert str(bad_yaml) in out and "line" in out
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text(f"data: {scifact_sample}\ntopk: 5\n")
     assert main(["evaluate", "--config", str(unknown)]) == 2
-    assert "--topk: Extra inputs are not permitted" in capsys.readouterr().out
+    assert "--topk: Extra inputs are not permitted" in capsys.readouterr().err
 
 
 def test_options_override_config_file_which_overrides_defaults(tmp_path, scifact_sample):

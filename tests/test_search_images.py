@@ -18,8 +18,9 @@ def test_image_search_over_the_catalog(tmp_path, fashion_sample, tiny_bi_encoder
 
     with (fashion_sample / "styles.csv").open() as handle:
         rows = list(csv.DictReader(handle))[:60]
+    images = fashion_sample / "images"  # outside the catalog's folder: named as the image root
     for row in rows:
-        row["image"] = str(fashion_sample / "images" / row["image"])
+        row["image"] = str(images / row["image"])
     catalog = tmp_path / "styles.csv"
     with catalog.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -27,12 +28,13 @@ def test_image_search_over_the_catalog(tmp_path, fashion_sample, tiny_bi_encoder
         writer.writerows(rows)
     workspace = tmp_path / "ws"
     assert main(["search", "red shirt", "--images", "--workspace", str(workspace)]) == 2
-    assert "run `adapt clip" in capsys.readouterr().out
+    assert "run `adapt clip" in capsys.readouterr().err
 
     encoder = new_lit_encoder(str(tiny_bi_encoder), seed=1)
     saved = encoder.save(tmp_path / "encoder")
     registry = Registry(workspace)
-    version = registry.register("catalog-clip", saved, {"data": str(catalog), "base_model": "tiny"})
+    card = {"data": str(catalog), "base_model": "tiny", "config": {"image_root": str(images)}}
+    version = registry.register("catalog-clip", saved, card)
     registry.promote("catalog-clip", version)
 
     assert (
@@ -51,7 +53,7 @@ def test_image_search_over_the_catalog(tmp_path, fashion_sample, tiny_bi_encoder
         == 0
     )
     hits = json.loads(capsys.readouterr().out)
-    products = read_catalog(catalog)
+    products = read_catalog(catalog, image_root=images)
     assert len(hits) == 5 and {h["doc_id"] for h in hits} <= set(products.ids)
     # the ranking is the encoder's own: text vector against every image vector
     scores = (

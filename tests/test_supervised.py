@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finetune.hparam_search import SearchSettings, plot_trials, run_search, trials_markdown
+from finetune.hparam_report import plot_trials, trials_markdown
+from finetune.hparam_search import SearchSettings, run_search
 from finetune.supervised import (
     LOSSES,
     TrainSettings,

@@ -31,23 +31,23 @@ def test_bad_arguments_get_a_clear_message_and_exit_2(prefect_harness, capsys, t
         main(["supervised", "--train", train, "--search", "many"])
     assert info.value.code == 2 and "invalid int value" in capsys.readouterr().err
     assert main(["supervised"]) == 2
-    assert "--train: Field required" in capsys.readouterr().out
+    assert "--train: Field required" in capsys.readouterr().err
     assert main(["supervised", "--train", str(tmp_path / "none.tsv")]) == 2
-    assert "none.tsv: file not found" in capsys.readouterr().out
+    assert "none.tsv: file not found" in capsys.readouterr().err
     bad = tmp_path / "bad.tsv"
     bad.write_text("is_duplicate\tquestion1\tquestion2\n1\ta\tb\n3\tc\td\n")
     assert main(["supervised", "--train", str(bad)]) == 2
-    assert "bad.tsv, line 3: field 'is_duplicate' is '3'; expected a label 0 or 1" in capsys.readouterr().out
+    assert "bad.tsv, line 3: field 'is_duplicate' is '3'; expected a label 0 or 1" in capsys.readouterr().err
     groups = tmp_path / "groups.csv"
     groups.write_text("text,label\na,1\nb,1\n")
     assert main(["supervised", "--train", train, "--eval", str(groups)]) == 2
-    assert "holds groups" in capsys.readouterr().out
+    assert "holds groups" in capsys.readouterr().err
     assert main(["supervised", "--train", train, "--search", "2", "--search-loss", "cosine"]) == 2
-    assert "unknown loss(es) ['cosine']" in capsys.readouterr().out
+    assert "unknown loss(es) ['cosine']" in capsys.readouterr().err
     assert main(["supervised", "--train", train, "--eval-fraction", "1.5"]) == 2
-    assert "--eval-fraction: Input should be less than 1" in capsys.readouterr().out
+    assert "--eval-fraction: Input should be less than 1" in capsys.readouterr().err
     assert main(["supervised", "--train", train, "--search-models", "acme/not-here"]) == 2
-    assert "not in the hub cache" in capsys.readouterr().out
+    assert "not in the hub cache" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ DEFAULT_EXTRA_CAPTION_TEMPLATES = (
 class ClipTrainConfig(BaseModel):
     """Training settings of both paths (locked-text and CLIP fine-tuning)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(
         54,

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from finetune.clip.config import ClipTrainConfig, TrainResult
+from finetune.guards import check_loss
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def run_loop(
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + global_step)
             with autocast():
                 loss = loss_for_batch(indices, generator)
+            check_loss(float(loss.detach()), global_step + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

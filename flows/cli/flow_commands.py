@@ -10,11 +10,7 @@ import argparse
 from collections.abc import Callable
 
 from flows.cli.options import build_config
-from flows.cli.terminal import console
-
-
-def _console():
-    return console()
+from flows.cli.terminal import console, messages, styled, table
 
 
 def _markdown(text: str):
@@ -23,15 +19,18 @@ def _markdown(text: str):
     return Markdown(text)
 
 
-def _run_with_progress(console, label: str, function, *args):
-    """Run a flow with a spinner and elapsed time on the terminal (stage progress is in the log lines)."""
+def _run_with_progress(label: str, function, *args):
+    """Run a flow with a spinner and elapsed time on a terminal's stderr (stage progress is in the logs)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    notes = messages()
+    if not notes.is_terminal:
+        return function(*args)
     with Progress(
         SpinnerColumn(),
-        TextColumn(f"[bold]{label}[/bold]"),
+        TextColumn(label, style="bold", markup=False),
         TimeElapsedColumn(),
-        console=console,
+        console=notes,
         transient=True,
     ) as progress:
         progress.add_task(label, total=None)
@@ -40,16 +39,10 @@ def _run_with_progress(console, label: str, function, *args):
 
 def _before_after(title: str, before: dict, after: dict):
     """A table of metrics before and after, with the change."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric", style="bold")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
+    grid = table("metric", "before", "after", "change", title=title, right=("before", "after", "change"))
     for name, value in after.items():
-        table.add_row(name, f"{before[name]:.4f}", f"{value:.4f}", f"{value - before[name]:+.4f}")
-    return table
+        grid.add_row(name, f"{before[name]:.4f}", f"{value:.4f}", f"{value - before[name]:+.4f}")
+    return grid
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -57,15 +50,17 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from tasks.core.evaluation import EvalReport, rich_table
 
     config = build_config(EvaluateConfig, args, args.config)
-    console = _console()
-    result = evaluate_flow(config)
+    result = _run_with_progress("evaluating", evaluate_flow, config)
     reports = [EvalReport.from_dict(r) for r in result["reports"]]
-    console.print(
-        f"[bold]{config.data}[/bold] [{config.split}]: {result['queries']} queries, "
-        f"{result['documents']} documents"
+    out = console()
+    out.print(
+        styled(
+            (str(config.data), "bold"),
+            f" [{config.split}]: {result['queries']} queries, {result['documents']} documents",
+        )
     )
-    console.print(rich_table(reports, title=f"Retrieval evaluation: {config.data} [{config.split}]"))
-    console.print(f"report: {result['report']}")
+    out.print(rich_table(reports, title=f"Retrieval evaluation: {config.data} [{config.split}]"))
+    out.print(f"report: {result['report']}")
     return 0
 
 
@@ -73,14 +68,16 @@ def text_command(args: argparse.Namespace) -> int:
     from flows.adapt_text import AdaptTextConfig, adapt_text_flow
 
     config = build_config(AdaptTextConfig, args, args.config)
-    console = _console()
-    console.print(
-        f"[bold]{config.corpus}[/bold]: adapting {config.base_model} as '{config.model_name}' in "
-        f"{config.workspace}"
+    messages().print(
+        styled(
+            (str(config.corpus), "bold"),
+            f": adapting {config.base_model} as '{config.model_name}' in {config.workspace}",
+        )
     )
-    result = _run_with_progress(console, "adapting", adapt_text_flow, config)
-    console.print(_markdown(result["markdown"]))
-    console.print(f"report: {result['report']}")
+    result = _run_with_progress("adapting", adapt_text_flow, config)
+    out = console()
+    out.print(_markdown(result["markdown"]))
+    out.print(f"report: {result['report']}")
     return 0
 
 
@@ -88,19 +85,21 @@ def refresh_command(args: argparse.Namespace) -> int:
     from flows.catalog_refresh import RefreshConfig, catalog_refresh_flow
 
     config = build_config(RefreshConfig, args, args.config)
-    console = _console()
-    console.print(f"[bold]{config.catalog}[/bold]: refreshing '{config.model_name}' in {config.workspace}")
-    result = _run_with_progress(console, "refreshing", catalog_refresh_flow, config)
+    messages().print(
+        styled((str(config.catalog), "bold"), f": refreshing '{config.model_name}' in {config.workspace}")
+    )
+    result = _run_with_progress("refreshing", catalog_refresh_flow, config)
+    out = console()
     changes = result["changes"]
-    console.print(
+    out.print(
         f"new {changes['new']}, changed {changes['changed']}, removed {changes['removed']}, "
         f"unchanged {changes['unchanged']}"
     )
     if not result["changed"]:
-        console.print(result["message"])
+        out.print(result["message"])
     elif "decision" in result:
-        console.print(f"{result['model']} {result.get('version')}: {result['decision']}")
-    console.print(
+        out.print(f"{result['model']} {result.get('version')}: {result['decision']}")
+    out.print(
         f"serving: {result.get('serving') or result.get('current_before')}; "
         f"{result['total_seconds']:.0f} s" + (f"; report: {result['report']}" if "report" in result else "")
     )
@@ -111,22 +110,24 @@ def supervised_command(args: argparse.Namespace) -> int:
     from flows.supervised import SupervisedConfig, supervised_flow
 
     config = build_config(SupervisedConfig, args, args.config)
-    console = _console()
-    console.print(
-        f"[bold]{config.train}[/bold]: evaluation: "
-        f"{config.eval or f'{config.eval_fraction:.0%} carved off, no shared text'}"
-        + (f"; search: {config.search} trials" if config.search else "")
+    evaluation = config.eval or f"{config.eval_fraction:.0%} carved off, no shared text"
+    messages().print(
+        styled(
+            (str(config.train), "bold"),
+            f": evaluation: {evaluation}" + (f"; search: {config.search} trials" if config.search else ""),
+        )
     )
-    result = supervised_flow(config)
-    console.print(
+    result = _run_with_progress("fine-tuning", supervised_flow, config)
+    out = console()
+    out.print(
         _before_after(
             f"Supervised fine-tuning: {config.model_name} {result['version']} ({result['loss']})",
             result["metrics_before"],
             result["metrics_after"],
         )
     )
-    console.print(result["decision"])
-    console.print(f"report: {result['report']}")
+    out.print(result["decision"])
+    out.print(f"report: {result['report']}")
     return 0
 
 
@@ -134,19 +135,19 @@ def clip_command(args: argparse.Namespace) -> int:
     from flows.adapt_clip import ClipConfig, adapt_clip_flow
 
     config = build_config(ClipConfig, args, args.config)
-    console = _console()
-    console.print(f"[bold]{config.catalog}[/bold]: adapting {config.model}")
-    result = adapt_clip_flow(config)
-    console.print(
+    messages().print(styled((str(config.catalog), "bold"), f": adapting {config.model}"))
+    result = _run_with_progress("adapting", adapt_clip_flow, config)
+    out = console()
+    out.print(
         _before_after(
             f"Held-out products of {config.catalog}", result["metrics_before"], result["metrics_after"]
         )
     )
     if result["left_out"]:
-        console.print(
-            f"[yellow]{len(result['left_out'])} product(s) left out[/yellow] (listed in the report)"
+        out.print(
+            styled((f"{len(result['left_out'])} product(s) left out", "yellow"), " (listed in the report)")
         )
-    console.print(
+    out.print(
         f"model: {result['model_dir']}\nregistry: {result['version']}: {result['promotion']}\n"
         f"report: {result['report']}\ntop images: {result['grid']}"
     )

@@ -12,10 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows.cli.options import add_model_options, build_config
-from flows.cli.terminal import console
+from flows.cli.terminal import console, messages, table
 from tasks.core.defaults import CATALOG_CLIP_MODEL_NAME, DEFAULT_WORKSPACE, TEXT_MODEL_NAME
 
 
@@ -26,7 +26,7 @@ def _positional(description: str, default: Any = ...) -> Any:
 class RegistryConfig(BaseModel):
     """Settings of `adapt models list`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workspace: Path = Field(DEFAULT_WORKSPACE, description="workspace folder holding models/")
 
@@ -48,7 +48,7 @@ class PromoteConfig(VersionConfig):
 class SearchConfig(BaseModel):
     """Settings of `adapt search`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     query: str = _positional("the query text")
     top_k: int = Field(10, ge=1, description="hits to show")
@@ -67,6 +67,13 @@ class SearchConfig(BaseModel):
     workspace: Path = Field(DEFAULT_WORKSPACE, description="workspace folder holding models/")
     as_json: bool = Field(False, description="print the hits as JSON", json_schema_extra={"flag": "--json"})
 
+    @field_validator("query")
+    @classmethod
+    def _a_query(cls, query: str) -> str:
+        if not query.strip():
+            raise ValueError("the query is empty; give the text to search for")
+        return query
+
     def served_model(self) -> str:
         return self.model_name or (CATALOG_CLIP_MODEL_NAME if self.images else TEXT_MODEL_NAME)
 
@@ -74,7 +81,7 @@ class SearchConfig(BaseModel):
 class ExportConfig(BaseModel):
     """Settings of `adapt export`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     onnx: bool = Field(False, description="export to ONNX (the only format; required)")
     int8: bool = Field(False, description="also write an int8 (dynamic quantisation) model")
@@ -144,8 +151,11 @@ def _console():
     return console()
 
 
+def _note(text: str) -> None:
+    messages().print(text)
+
+
 def _models(args: argparse.Namespace) -> int:
-    from rich.table import Table
 
     from tasks.core.registry import Registry
 
@@ -155,23 +165,23 @@ def _models(args: argparse.Namespace) -> int:
     if args.action == "list":
         names = registry.names()
         if not names:
-            console.print(f"no models registered in {registry.root}")
+            _note(f"no models registered in {registry.root}")
             return 0
-        table = Table("model", "version", "current", "nDCG@10 before", "nDCG@10 after", "eval set")
+        grid = table("model", "version", "current", "nDCG@10 before", "nDCG@10 after", "eval set")
         for name in names:
             current = registry.current(name)
             for version in registry.versions(name):
                 card = registry.card(name, version)
                 before, after = card.get("metrics_before", {}), card.get("metrics_after", {})
-                table.add_row(
+                grid.add_row(
                     name,
                     version,
                     "*" if version == current else "",
                     _fmt(before.get("nDCG@10")),
                     _fmt(after.get("nDCG@10")),
-                    str(card.get("eval_set", ""))[:60],
+                    str(card.get("eval_set", "")),
                 )
-        console.print(table)
+        console.print(grid)
     elif args.action == "show":
         version = config.version or registry.current(config.name)
         console.print_json(
@@ -193,8 +203,6 @@ def _fmt(value) -> str:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     config: SearchConfig = build_config(SearchConfig, args)  # type: ignore[assignment]
     model_name = config.served_model()
     if config.images:
@@ -209,24 +217,23 @@ def _search(args: argparse.Namespace) -> int:
     if config.as_json:
         print(json.dumps([asdict(h) for h in hits], indent=2))
         return 0
-    table = Table(
+    grid = table(
         "#",
         "score",
         "doc_id",
         "title / text",
         *(["image"] if config.images else []),
         title=f"{model_name} {searcher.version}: {config.query}",
+        right=("#", "score"),
     )
     for rank, hit in enumerate(hits, 1):
         extra = [hit.snippet] if config.images else []
-        table.add_row(str(rank), f"{hit.score:.3f}", hit.doc_id, (hit.title or hit.snippet)[:90], *extra)
-    _console().print(table)
+        grid.add_row(str(rank), f"{hit.score:.3f}", hit.doc_id, (hit.title or hit.snippet)[:90], *extra)
+    _console().print(grid)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from tasks.core.registry import Registry
     from tasks.serving.export import export_onnx
 
@@ -235,15 +242,16 @@ def _export(args: argparse.Namespace) -> int:
     source = registry.path(config.model_name, config.version)
     output = config.output or source / "onnx"
     summary = export_onnx(source, output, int8=config.int8, min_cosine=config.min_cosine)
-    table = Table(
+    grid = table(
         "model",
         "file",
         "size MB",
         "texts/s",
         "min cosine vs PyTorch",
         title=f"{config.model_name} {source.name} -> {output}",
+        right=("size MB", "texts/s", "min cosine vs PyTorch"),
     )
-    table.add_row(
+    grid.add_row(
         "PyTorch",
         "model.safetensors",
         f"{summary['pytorch']['size_mb']:.1f}",
@@ -253,17 +261,17 @@ def _export(args: argparse.Namespace) -> int:
     for variant in ("fp32", "int8"):
         if variant in summary:
             row = summary[variant]
-            table.add_row(
+            grid.add_row(
                 f"ONNX {variant}",
                 row["file"],
                 f"{row['size_mb']:.1f}",
                 f"{row['texts_per_second']:.0f}",
                 f"{row['min_cosine']:.4f}",
             )
-    _console().print(table)
+    _console().print(grid)
     documents = registry.card(config.model_name, source.name).get("document_model")
     if documents:
-        _console().print(
+        _note(
             f"{source.name} adapted only its query side: documents are encoded by {documents} "
             f"(export it too: adapt export --onnx --version {Path(documents).name})"
         )

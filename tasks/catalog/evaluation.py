@@ -20,6 +20,7 @@ import numpy as np
 
 from tasks.core.evaluation import EvalReport, aggregate, score_run
 from tasks.core.index import Qrels, Run, exact_index, search_index
+from tasks.core.markdown import md
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,9 @@ def catalog_metrics_markdown(reports: Sequence[CatalogReport]) -> str:
     """Metric rows, one column per system, with the change from the first system to the last."""
     names = list(reports[0].metrics)
     header = (
-        "| metric | " + " | ".join(r.system for r in reports) + (" | change |" if len(reports) > 1 else " |")
+        "| metric | "
+        + " | ".join(md(r.system) for r in reports)
+        + (" | change |" if len(reports) > 1 else " |")
     )
     lines = [header, "|---|" + "---:|" * (len(reports) + (1 if len(reports) > 1 else 0))]
     for name in names:

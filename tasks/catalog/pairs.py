@@ -33,6 +33,7 @@ import pandas as pd
 from tasks.core.corpus import Corpus, DataError, Skipped, iter_records
 from tasks.core.defaults import IMAGE_SIZE
 from tasks.core.heldout import heldout_mask
+from tasks.core.markdown import md
 from tasks.core.products import read_catalog
 
 log = logging.getLogger(__name__)
@@ -440,7 +441,7 @@ def bad_images_markdown(bad: Sequence[Skipped | Mapping[str, Any]], limit: int =
     lines = ["| product | catalog line | why left out |", "|---|---:|---|"]
     for item in list(bad)[:limit]:
         s = item if isinstance(item, Skipped) else Skipped(**item)
-        lines.append(f"| {s.doc_id} | {s.line} | {s.reason.replace('|', '/')} |")
+        lines.append(f"| {md(s.doc_id)} | {s.line} | {md(s.reason)} |")
     if len(bad) > limit:
         lines.append(f"| … | | and {len(bad) - limit} more |")
     return "\n".join(lines)

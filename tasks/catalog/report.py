@@ -9,6 +9,7 @@ saved encoder on the held-out products that feeds it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 
 from tasks.catalog.evaluation import CatalogEvalSet, CatalogReport, catalog_metrics_markdown
 from tasks.core.index import exact_index, search_index
+from tasks.core.markdown import md, md_code
+from tasks.core.store import write_text_atomic
 
 
 @dataclass
@@ -140,8 +143,13 @@ def image_grid_png(
     axes[0][k + 2 + (k - 1) // 2].set_title(after_label, fontsize=9)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    staging = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.png")
+    try:  # whole or not at all: a full disk leaves no half a PNG
+        figure.savefig(staging)
+        os.replace(staging, path)
+    finally:
+        plt.close(figure)
+        staging.unlink(missing_ok=True)
     return path
 
 
@@ -166,7 +174,7 @@ def catalog_report_markdown(
     if grid:
         parts += [
             "",
-            f"Top images before and after (green: has the queried attributes, red: does not): `{grid}`",
+            f"Top images before and after (green: has the queried attributes, red: does not): {md_code(grid)}",
             "",
             f"![top images before and after]({Path(grid).resolve().as_uri()})",
         ]
@@ -299,10 +307,10 @@ def publish_catalog_report(
     report_notes = [
         f"{len(eval_set.doc_ids)} held-out products (never trained on): "
         f"{len(eval_set.caption_qrels)} caption queries, {len(eval_set.attribute_queries)} attribute "
-        f"queries ({'; '.join(attribute_templates)}), {len(eval_set.image_qrels)} image queries "
-        f"(relevant: same {group_field})."
+        f"queries ({md('; '.join(attribute_templates))}), {len(eval_set.image_qrels)} image queries "
+        f"(relevant: same {md(group_field)})."
     ]
-    report_notes += [f"{r.system}: {r.notes}" for r in catalog_reports if r.notes]
+    report_notes += [f"{md(r.system)}: {md(r.notes)}" for r in catalog_reports if r.notes]
     report_notes += list(notes)
     markdown = catalog_report_markdown(
         title=title,
@@ -314,7 +322,7 @@ def publish_catalog_report(
     )
     path = output_dir / "report.md"
     output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown)
+    write_text_atomic(path, markdown)
     publish_markdown(
         markdown, key=artifact_key, description="image/text metrics before/after, top images, timings"
     )

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,9 +390,16 @@ def read_qrels(
             )
         query_id, doc_id, score_text = (p.strip() for p in parts)
         try:
-            score = int(float(score_text))
+            value = float(score_text)
         except ValueError:
             raise DataError(path, line_no, f"score '{score_text}' is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(
+                path,
+                line_no,
+                f"score '{score_text}' is not a finite number; expected a grade such as 0, 1 or 2",
+            )
+        score = int(value)
         if query_ids is not None and query_id not in query_ids:
             raise DataError(path, line_no, f"query id '{query_id}' is not among the queries")
         if doc_ids is not None and doc_id not in doc_ids:

@@ -22,6 +22,7 @@ from tasks.core.bm25 import bm25_search
 from tasks.core.corpus import BeirData, Corpus
 from tasks.core.embeddings import encode_texts
 from tasks.core.index import Qrels, Run, exact_index, search_index
+from tasks.core.markdown import md
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,21 @@ def heldout_eval_set(corpus: Corpus, heldout: pd.DataFrame) -> BeirData:
 
 
 def evaluate_cached(
-    query_cache: Any, data: BeirData, system: str, *, doc_cache: Any = None, top_k: int = 100
+    query_cache: Any,
+    data: BeirData,
+    system: str,
+    *,
+    doc_cache: Any = None,
+    top_k: int = 100,
+    progress: Any = None,
 ) -> EvalReport:
     """Dense retrieval metrics from embedding caches (``embed(texts)``): queries through ``query_cache``,
-    documents through ``doc_cache`` (default: the same model), so nothing cached is encoded again."""
+    documents through ``doc_cache`` (default: the same model), so nothing cached is encoded again;
+    ``progress(done, total)`` follows the encoding of the corpus."""
     start = time.time()
-    doc_vectors = (doc_cache or query_cache).embed(data.corpus.texts(), desc="encoding corpus for evaluation")
+    doc_vectors = (doc_cache or query_cache).embed(
+        data.corpus.texts(), desc="encoding corpus for evaluation", progress=progress
+    )
     query_vectors = query_cache.embed(data.queries["text"].tolist(), desc="encoding evaluation queries")
     run = search_index(
         exact_index(doc_vectors),
@@ -221,7 +231,7 @@ def markdown_table(reports: Sequence[EvalReport], metrics: Sequence[str] | None 
     lines = ["| system | " + " | ".join(metrics) + " | seconds |", "|---|" + "---:|" * (len(metrics) + 1)]
     for report in reports:
         values = " | ".join(f"{report.metrics[m]:.4f}" for m in metrics)
-        lines.append(f"| {report.system} | {values} | {report.seconds:.1f} |")
+        lines.append(f"| {md(report.system)} | {values} | {report.seconds:.1f} |")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,9 @@ def index_corpus(
         model.max_seq_length = max_seq_length
         from tasks.core.embeddings import encode_texts
 
-        vectors = encode_texts(model, texts, batch_size=batch_size, show_progress=False, desc="indexing")
+        vectors = encode_texts(
+            model, texts, batch_size=batch_size, show_progress=sys.stderr.isatty(), desc="indexing"
+        )
     docs = corpus.docs
     return save_index(
         folder,

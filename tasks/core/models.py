@@ -6,7 +6,9 @@ or downloaded when a hub is reachable. With no hub a hub id fails within seconds
 saying how to supply the model as a directory. A name is never silently swapped for another model.
 
 Loading is always from the resolved directory with ``local_files_only``, weights only from
-safetensors files, and ``trust_remote_code`` off.
+safetensors files, and ``trust_remote_code`` off. A folder holding any pickle-based file (``.bin``,
+``.pt``, ``.pth``, ``.ckpt``, ``.pkl``, ``.pickle``), in any sub-folder, is refused before anything
+loads: local directories, bundled models and hub downloads alike.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ BUNDLED: dict[str, tuple[str, str]] = {
 # What a hub download fetches: configs, tokenizers and safetensors weights, never pickled weights.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*/*.json", "*/*.safetensors"]
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+# Pickle-based files: torch.load (or pickle) can run code while reading one, so none may sit in a model
+# folder, in any sub-folder (a sentence-transformers module such as ``2_Dense/`` loads its own weights).
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 HUB_PROBE_SECONDS = 3.0
 
 
@@ -141,22 +146,61 @@ def _from_hub(repo_id: str) -> Path:
 
 
 def _check_model_dir(path: Path, name: str) -> Path:
-    files = [p for p in path.rglob("*") if p.is_file()]
+    files = _model_files(path)
     if not any(p.name == "config.json" or p.name == "modules.json" for p in files):
         raise ModelNotAvailableError(f"{path} (for '{name}') is not a model directory: no config.json")
+    _refuse_pickles(path, name, files)
     weights = [p for p in files if p.suffix in _WEIGHT_SUFFIXES]
     if weights and not any(p.suffix == ".safetensors" for p in weights):
         raise ModelNotAvailableError(
-            f"{path} (for '{name}') has weights only in pickle-based formats "
+            f"{path} (for '{name}') has weights only in formats other than safetensors "
             f"({', '.join(sorted({p.name for p in weights}))}); this project loads safetensors only. "
             "Convert them with `model.save_pretrained(dir, safe_serialization=True)` on a trusted machine."
         )
     return path
 
 
+def _model_files(path: Path) -> list[Path]:
+    """Every file under a model folder, through symbolic links to folders too (a loader follows them;
+    ``Path.rglob`` does not)."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for folder, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree: its files are listed already
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files += [Path(folder) / n for n in names if (Path(folder) / n).is_file()]
+    return files
+
+
+def _refuse_pickles(path: Path, name: str, files: list[Path] | None = None) -> None:
+    """ModelNotAvailableError when any file of the folder, in any sub-folder, is pickle-based: only
+    safetensors weights are loaded, so a pickle never reaches ``torch.load``."""
+    found = sorted(p for p in (_model_files(path) if files is None else files) if _is_pickle(p))
+    if not found:
+        return
+    shown = ", ".join(str(p.relative_to(path)) for p in found[:5]) + (
+        f" and {len(found) - 5} more" if len(found) > 5 else ""
+    )
+    raise ModelNotAvailableError(
+        f"{path} (for '{name}') holds pickle-based file(s) {shown}: only safetensors weights are "
+        "loaded, because reading a pickle can run code. On a trusted machine, convert the model "
+        "(`SentenceTransformer(dir).save(dir)` for a sentence-transformers model, "
+        "`model.save_pretrained(dir, safe_serialization=True)` for a transformers one), delete the "
+        "pickle files, and pass the folder again."
+    )
+
+
+def _is_pickle(file: Path) -> bool:
+    return file.suffix.lower() in PICKLE_SUFFIXES
+
+
 # What the registry and the search keep next to a model: not part of the model, so a registered
 # copy (with its card, search index, ONNX export) has the fingerprint of the directory it was
-# trained into, and cached embeddings under that fingerprint are reused.
+# trained into, and cached embeddings under that fingerprint are reused. Only the fingerprint skips
+# them: the pickle check looks inside them too, since a modules.json may name any sub-folder a module.
 _NOT_MODEL_FILES = frozenset({"card.json"})
 _NOT_MODEL_DIRS = frozenset({"index", "image-index", "onnx"})
 
@@ -190,7 +234,12 @@ def model_fingerprint(name: str | Path) -> str:
 
 
 def _resolved(model: str | Path | ResolvedModel) -> ResolvedModel:
-    return model if isinstance(model, ResolvedModel) else resolve_model(model)
+    """The resolved model, its folder checked again for pickle files right before anything loads (a
+    ResolvedModel may have been made before a file was added)."""
+    if not isinstance(model, ResolvedModel):
+        return resolve_model(model)
+    _refuse_pickles(model.path, model.name)
+    return model
 
 
 def load_sentence_transformer(

@@ -3,7 +3,10 @@ corpus table of the data contract: ``doc_id, title, text, image, content_hash, a
 
 Image file names are looked up next to the catalog, then in its ``images/`` folder (or a root the
 caller names); a missing image is an error naming the catalog line, or with ``missing_image="skip"``
-a reported, left-out product. :func:`read_products` reads either a catalog or any corpus file.
+a reported, left-out product. An image path (symbolic links resolved) must lie inside the catalog's
+folder or the image root the caller names: one that leaves them (``../``, an absolute path
+elsewhere, a link pointing out) is refused like a missing image. :func:`read_products` reads either
+a catalog or any corpus file.
 """
 
 from __future__ import annotations
@@ -44,14 +47,17 @@ def read_catalog(
 
     ``text`` joins the text fields' values (default: every column but id, title and image);
     ``attributes`` keeps all fields as JSON for attribute queries. Image paths are taken relative
-    to ``image_root`` (default: the catalog's folder, then its ``images/`` subfolder).
-    ``missing_image``: "error" (DataError) or "skip" (report and leave the product out).
+    to ``image_root`` (default: the catalog's folder, then its ``images/`` subfolder), and accepted
+    only inside the catalog's folder or ``image_root`` once symbolic links are resolved.
+    ``missing_image``: "error" (DataError) or "skip" (report and leave the product out), for an
+    image that is missing or leaves those folders alike.
     """
     path = Path(path)
     if missing_image not in {"error", "skip"}:
         raise ValueError("missing_image must be 'error' or 'skip'")
     unit = record_unit(path)
     roots = [Path(image_root)] if image_root else [path.parent, path.parent / "images"]
+    allowed = _allowed_folders(path, image_root)
     rows: list[dict[str, Any]] = []
     skipped: list[Skipped] = []
     seen: dict[str, int] = {}
@@ -84,12 +90,18 @@ def read_catalog(
         text = ", ".join(v for v in values.values() if v)
         image_name = field_text(path, line, image_field, record[image_field], required=False).strip()
         image_path = _find_image(image_name, roots) if image_name else None
-        if image_path is None:
-            reason = (
-                f"image file '{image_name}' not found under {', '.join(map(str, roots))}"
-                if image_name
-                else "no image named"
-            )
+        outside = image_path is not None and not _inside(image_path, allowed)
+        if image_path is None or outside:
+            if outside:
+                reason = (
+                    f"image path '{image_name}' leaves the catalog's folder (it is {image_path}); "
+                    f"images must lie inside {' or '.join(map(str, allowed))}"
+                    + ("" if image_root else "; for images elsewhere, name their folder as the image root")
+                )
+            elif image_name:
+                reason = f"image file '{image_name}' not found under {', '.join(map(str, roots))}"
+            else:
+                reason = "no image named"
             if missing_image == "error":
                 raise DataError(path, line, reason, unit=unit)
             skipped.append(Skipped(str(path), line, doc_id, reason))
@@ -111,22 +123,36 @@ def read_catalog(
     return finish_corpus(path, rows, skipped)
 
 
-def read_products(path: str | Path) -> Corpus:
-    """A catalog (a CSV/TSV/Parquet with an ``image`` column; products with a missing image are
-    reported and left out) or else any corpus :func:`read_corpus` reads."""
+def read_products(path: str | Path, *, image_root: str | Path | None = None) -> Corpus:
+    """A catalog (a CSV/TSV/Parquet with an ``image`` column; products with a missing image, or one
+    outside the catalog's folder and ``image_root``, are reported and left out) or else any corpus
+    :func:`read_corpus` reads."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() in {".csv", ".tsv", ".parquet"}:
         _, first = next(iter_records(path), (None, {}))
         if "image" in (first or {}):
-            return read_catalog(path, missing_image="skip")
+            return read_catalog(path, image_root=image_root, missing_image="skip")
     return read_corpus(path)
 
 
 def _find_image(name: str, roots: Sequence[Path]) -> Path | None:
+    """The image file, its symbolic links resolved, or None when there is none."""
     candidate = Path(name)
     if candidate.is_absolute():
-        return candidate if candidate.is_file() else None
+        return candidate.resolve() if candidate.is_file() else None
     for root in roots:
         if (root / candidate).is_file():
             return (root / candidate).resolve()
     return None
+
+
+def _allowed_folders(catalog: Path, image_root: str | Path | None) -> list[Path]:
+    """Where a catalog's images may lie: its own folder, and the image root the caller names."""
+    folders = [catalog.resolve().parent]
+    if image_root:
+        folders.append(Path(image_root).resolve())
+    return folders
+
+
+def _inside(image: Path, folders: Sequence[Path]) -> bool:
+    return any(image.is_relative_to(folder) for folder in folders)

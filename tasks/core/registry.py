@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.store import file_lock, write_json_atomic
+from tasks.core.store import copy_tree, file_lock, write_json_atomic
 
 CARD = "card.json"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -99,19 +99,50 @@ class Registry:
     # ------------------------------------------------------------------------------ writing
 
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Exclusive lock on one model's registry entries (waits, then RegistryLockedError)."""
+    def lock(self, name: str, *, create: bool = True) -> Iterator[None]:
+        """Exclusive lock on one model's registry entries (waits, then RegistryLockedError).
+
+        With ``create=False`` (promote, rollback) a name that has no folder is a RegistryError before
+        anything is written. When the operation fails and leaves the model's folder holding nothing
+        but its ``.lock``, what the lock made (that folder, the ``.lock``, an emptied ``models/``) is
+        removed again.
+        """
         _check_name(name)
+        folder = self.root / name
+        if not create and not folder.is_dir():
+            raise RegistryError(self._not_registered(name))
         timeout = self.lock_timeout
         with file_lock(
-            self.root / name / ".lock",
+            folder / ".lock",
             timeout,
             lambda: RegistryLockedError(
                 f"registry of '{name}' is locked by another run (waited {timeout:.0f} s); "
                 "try again when it finishes"
             ),
         ):
-            yield
+            try:
+                yield
+            except BaseException:
+                self._remove_if_empty(name)
+                raise
+
+    def _not_registered(self, name: str) -> str:
+        known = self.names()
+        return f"model '{name}' is not registered in {self.root}" + (
+            f" (registered models: {', '.join(known)})" if known else " (no model is registered yet)"
+        )
+
+    def _remove_if_empty(self, name: str) -> None:
+        """Remove a model's folder that holds nothing but its lock (the lock is still held, see
+        :func:`tasks.core.store.file_lock`), and ``models/`` if that leaves it empty."""
+        folder = self.root / name
+        try:
+            if {p.name for p in folder.iterdir()} <= {".lock"}:
+                (folder / ".lock").unlink(missing_ok=True)
+                folder.rmdir()
+                self.root.rmdir()
+        except OSError:  # not empty (another model, another writer): keep it
+            pass
 
     def register(self, name: str, model_dir: str | Path, card: Mapping[str, Any]) -> str:
         """Copy a trained model in as the next version (not promoted); returns the version."""
@@ -124,10 +155,15 @@ class Registry:
             target = self.root / name / version
             staging = self.root / name / f".{version}.tmp-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(model_dir, staging)
-            full_card = {"name": name, "version": version, "registered": time.time(), **card}
-            write_json_atomic(staging / CARD, full_card)
-            os.replace(staging, target)
+            try:
+                # files and folders get the umask's modes, not the source's: a search service running
+                # as another user reads the registry
+                copy_tree(model_dir, staging)
+                full_card = {"name": name, "version": version, "registered": time.time(), **card}
+                write_json_atomic(staging / CARD, full_card)
+                os.replace(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return version
 
     def promote_if_better(
@@ -145,7 +181,7 @@ class Registry:
         ``current_score`` is the score of the current version (or of the base model when nothing is
         promoted yet) measured on the same evaluation set as ``new_score``.
         """
-        with self.lock(name):
+        with self.lock(name, create=False):
             previous = self.current(name)
             self.path(name, version)  # exists?
             if new_score > current_score + min_delta:
@@ -198,7 +234,7 @@ class Registry:
 
     def promote(self, name: str, version: str, *, reason: str = "promoted by hand") -> Promotion:
         """Make a version current without the gate (a person decided)."""
-        with self.lock(name):
+        with self.lock(name, create=False):
             previous = self.current(name)
             self.path(name, version)
             self._set_current(name, version, previous, "promoted", reason)
@@ -206,7 +242,7 @@ class Registry:
 
     def rollback(self, name: str) -> Promotion:
         """Make the version that was current before the present one current again."""
-        with self.lock(name):
+        with self.lock(name, create=False):
             present = self.current(name)
             if present is None:
                 raise RegistryError(f"model '{name}' has no current version to roll back from")

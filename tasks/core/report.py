@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tasks.core.evaluation import MEASURES, PRIMARY_METRIC, EvalReport, compare_per_query
+from tasks.core.markdown import md
 
 
 def before_after_markdown(before: EvalReport, after: EvalReport, metrics: Sequence[str] | None = None) -> str:
     """Metric | before | after | change, plus the query-by-query tally of the primary metric."""
     metrics = list(metrics or MEASURES)
     lines = [
-        f"| metric | before ({before.system}) | after ({after.system}) | change |",
+        f"| metric | before ({md(before.system)}) | after ({md(after.system)}) | change |",
         "|---|---:|---:|---:|",
     ]
     for metric in metrics:
@@ -75,14 +77,12 @@ def examples_markdown(examples: Sequence[Mapping[str, Any]], max_title: int = 70
 
         def cell(hits):
             return "<br>".join(
-                f"{'✅' if h['relevant'] else '·'} {_clip(h['title'] or h['doc_id'], max_title)}"
+                f"{'✅' if h['relevant'] else '·'} {md(_clip(h['title'] or h['doc_id'], max_title))}"
                 for h in hits
             )
 
-        query = f"{_clip(example['query'], 90)} ({example['delta']:+.2f})"
-        lines.append(
-            f"| {_escape(query)} | {_escape(cell(example['before']))} | {_escape(cell(example['after']))} |"
-        )
+        query = f"{md(_clip(example['query'], 90))} ({example['delta']:+.2f})"
+        lines.append(f"| {query} | {cell(example['before'])} | {cell(example['after'])} |")
     return "\n".join(lines)
 
 
@@ -125,18 +125,19 @@ def plot_series(
     if len(series) > 1:
         axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:  # written whole or not at all: a full disk leaves no half a PNG
+        figure.savefig(staging)
+        os.replace(staging, path)
+    finally:
+        plt.close(figure)
+        staging.unlink(missing_ok=True)
     return path
 
 
 def _clip(text: str, width: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|")
 
 
 def publish_markdown(markdown: str, key: str, description: str) -> bool:

@@ -21,8 +21,8 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,17 +74,47 @@ def stage_key(
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
+    """Write through ``write(tmp_path)`` then rename onto ``path``: readers never see half a file.
+
+    The file gets the mode the umask gives (0644 under the usual 022), as any file opened for
+    writing does; ``tempfile.mkstemp``'s 0600 would keep a search service running as another user
+    from reading models, cards, stage parts and reports."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp_file(path)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _new_temp_file(path: Path) -> Path:
+    """A new, empty file next to ``path`` under a unique hidden name, with the umask's mode."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def copy_tree(source: str | Path, target: str | Path) -> None:
+    """Copy a folder to ``target`` (new, in an existing folder), symbolic links followed as in a hub
+    snapshot; files and folders get the modes the umask gives, not the source's (``shutil.copytree``
+    keeps a 0600 file 0600 and a 0700 folder 0700)."""
+    source, target = Path(source), Path(target)
+    for folder, _, files in os.walk(source, followlinks=True):
+        relative = Path(folder).relative_to(source)
+        if os.path.realpath(folder) in {os.path.realpath(source / up) for up in relative.parents}:
+            raise OSError(f"cannot copy {source}: {folder} links back to a folder that contains it")
+        here = target / relative
+        here.mkdir()  # 0777 & ~umask
+        for name in files:
+            shutil.copyfile(Path(folder) / name, here / name)  # a new file: 0666 & ~umask
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -102,22 +132,46 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
 @contextlib.contextmanager
 def file_lock(path: Path, timeout: float, on_timeout: Callable[[], Exception]) -> Iterator[None]:
     """Exclusive advisory lock on ``path`` (fcntl): waits up to ``timeout`` seconds, then raises
-    ``on_timeout()``. Released on exit, and by the OS if the process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise on_timeout() from None
-                time.sleep(0.2)
+    ``on_timeout()``. Released on exit, and by the OS if the process dies.
+
+    The holder may delete the lock file (and its folder) before it lets go, e.g. to leave nothing
+    behind after a failed first registration: a waiter that then gets the lock of the deleted file
+    notices and locks the file at ``path`` instead, so two holders never run at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle = path.open("a")
+        except FileNotFoundError:  # the folder was removed between the two steps: again
+            if time.monotonic() >= deadline:
+                raise on_timeout() from None
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            if time.monotonic() >= deadline:
+                raise on_timeout() from None
+            time.sleep(0.2)
+            continue
+        if _is_at(handle, path):
+            break
+        handle.close()  # locked a file its holder deleted: lock the one at the path now
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _is_at(handle: Any, path: Path) -> bool:
+    """Whether the open file is the one at ``path`` (not one deleted or replaced since)."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (opened.st_dev, opened.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tasks.core.workspace import DiskFullError, disk_full, is_disk_full
+
 
 class Stopwatch:
     """Records ``{stage: {"seconds": s, "items": n}}`` in the order stages ran.
 
     ``run(name, items, function, *args)`` times a call; ``with stage(name) as record:`` times a block
-    whose item count is known only at its end (``record["items"] = n``).
+    whose item count is known only at its end (``record["items"] = n``). A full disk inside a stage
+    becomes a :class:`tasks.core.workspace.DiskFullError` that names the stage.
     """
 
     def __init__(self) -> None:
@@ -31,6 +34,10 @@ class Stopwatch:
         start = time.time()
         try:
             yield record
+        except OSError as exc:  # a full disk: say which stage, keep what is finished (writes are atomic)
+            if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                raise disk_full(exc, stage=name) from None
+            raise
         finally:
             record["seconds"] = round(time.time() - start, 2)
             self.stages[name] = record

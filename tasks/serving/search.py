@@ -97,7 +97,7 @@ class Searcher:
         corpus = (
             None
             if (meta is not None and not corpus_path and not Path(source).exists())
-            else read_products(source)
+            else read_products(source, image_root=(self.card.get("config") or {}).get("image_root"))
         )
         if meta is None or (corpus is not None and corpus.key != meta["corpus_key"]):
             log.info("building the search index of %s %s over %s", self.name, self.version, source)
@@ -174,7 +174,13 @@ class ImageSearcher:
             raise RegistryError(
                 f"{self.name} {self.version}: no catalog recorded on its card; pass the catalog"
             )
-        catalog = read_catalog(source, missing_image="skip") if source and Path(source).exists() else None
+        catalog = (
+            read_catalog(
+                source, image_root=(self.card.get("config") or {}).get("image_root"), missing_image="skip"
+            )
+            if source and Path(source).exists()
+            else None
+        )
         if meta is None or (catalog is not None and catalog.key != meta["corpus_key"]):
             if catalog is None:
                 raise RegistryError(f"catalog {source} of {self.name} {self.version} is not there to index")

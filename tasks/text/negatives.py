@@ -43,7 +43,7 @@ NEGATIVES_SCHEMA = pa.schema(
 class MineConfig(BaseModel):
     """Negative mining settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     retrievers: list[Literal["dense", "bm25"]] = Field(
         default_factory=lambda: ["dense", "bm25"], description="retrievers whose top candidates are negatives"

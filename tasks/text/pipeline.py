@@ -17,6 +17,8 @@ finished and a crash resumes at the last finished part.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
@@ -33,11 +35,22 @@ from tasks.text.pseudo_labels import LabelConfig, label_stage, positive_passage
 from tasks.text.queries import OFFLINE, QGenConfig, generate_queries
 from tasks.text.teachers import CrossEncoderTeacher, OfflineTeacher, source_ranker
 
+log = logging.getLogger(__name__)
 Progress = Callable[[str], Callable[[int, int], None] | None]
 
 
 def _no_progress(label: str) -> None:
     return None
+
+
+def report_reuse(stage: str, ref: StageRef, started: float) -> None:
+    """Say what a rerun reused: a stage finished before this run, or resumed after some finished parts."""
+    manifest = ref.manifest
+    timings, parts = manifest.get("timings", {}), len(manifest.get("parts", []))
+    if timings.get("finished", started) < started:
+        log.info("%s: reused %d of %d parts (finished in an earlier run)", stage, parts, parts)
+    elif timings.get("resumed_parts"):
+        log.info("%s: resumed after %d of %d parts", stage, timings["resumed_parts"], parts)
 
 
 class LabelPipeline:
@@ -66,6 +79,7 @@ class LabelPipeline:
         self.mine: MineConfig = settings.mine
         self.label: LabelConfig = settings.label
         self.watch, self.progress = watch, progress
+        began = time.time()
         self.embeddings_ref = watch.run(
             encode_stage,
             len(corpus),
@@ -75,6 +89,7 @@ class LabelPipeline:
             store,
             progress=progress("encoding corpus"),
         )
+        report_reuse(encode_stage, self.embeddings_ref, began)
 
     @cached_property
     def doc_embeddings(self) -> tuple[list[str], Any]:
@@ -112,6 +127,7 @@ class LabelPipeline:
             rank_of_source = source_ranker(
                 self.offline_teacher, self.doc_embeddings[0], docs.ids, docs.texts()
             )
+        began = time.time()
         ref = self.watch.run(
             "generate queries",
             len(docs),
@@ -123,6 +139,7 @@ class LabelPipeline:
             rank_of_source=rank_of_source,
             progress=self.progress("query generation (parts)"),
         )
+        report_reuse("generate queries", ref, began)
         return ref, self.store.read_pandas("queries", ref.key)
 
     def teacher(self) -> tuple[Any, str]:
@@ -142,6 +159,7 @@ class LabelPipeline:
 
     def labels(self, queries_ref: StageRef, train_ids: Sequence[str]) -> tuple[StageRef, pd.DataFrame]:
         """Hard negatives for ``train_ids`` and the teacher's margins: (labels stage, labels table)."""
+        began = time.time()
         negatives_ref = self.watch.run(
             "mine negatives",
             len(train_ids),
@@ -156,7 +174,9 @@ class LabelPipeline:
             bm25=self.bm25,
             progress=self.progress("mining (parts)"),
         )
+        report_reuse("mine negatives", negatives_ref, began)
         teacher, fingerprint = self.teacher()
+        began = time.time()
         with self.watch.stage("pseudo-labels") as record:
             labels_ref = label_stage(
                 self.store,
@@ -170,6 +190,7 @@ class LabelPipeline:
             )
             labels = self.store.read_pandas("labels", labels_ref.key)
             record["items"] = len(labels)
+        report_reuse("pseudo-labels", labels_ref, began)
         return labels_ref, labels
 
 

@@ -35,7 +35,7 @@ LABELS_SCHEMA = pa.schema(
 class LabelConfig(BaseModel):
     """Teacher settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     teacher: str = Field(
         OFFLINE,

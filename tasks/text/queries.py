@@ -49,7 +49,7 @@ OFFLINE = "offline"
 class QGenConfig(BaseModel):
     """Query generation settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     generator: str = Field(
         OFFLINE,

@@ -20,7 +20,10 @@ one and the next run redoes the same delta from the store.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,21 +33,34 @@ import pandas as pd
 from tasks.core.store import Store, file_lock, write_json_atomic
 
 STATE_FILE = "state.json"
+log = logging.getLogger(__name__)
 
 
 class RefreshLockedError(RuntimeError):
     """Another refresh of the same model is running."""
 
 
-def refresh_lock(folder: Path, timeout: float):
-    """One refresh of a model at a time: a second one waits up to ``timeout`` s, then fails cleanly."""
-    return file_lock(
-        folder / ".refresh.lock",
-        timeout,
-        lambda: RefreshLockedError(
-            f"another refresh holds {folder / '.refresh.lock'} (waited {timeout:.0f} s); try again when it finishes"
-        ),
-    )
+@contextlib.contextmanager
+def refresh_lock(folder: Path, timeout: float) -> Iterator[None]:
+    """One refresh of a model at a time: a second one says that it waits, waits up to ``timeout`` s,
+    then fails cleanly."""
+    path = folder / ".refresh.lock"
+
+    def held() -> RefreshLockedError:
+        return RefreshLockedError(
+            f"another refresh holds {path} (waited {timeout:.0f} s); try again when it finishes"
+        )
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(path, 0, held))
+        except RefreshLockedError:
+            if timeout <= 0:
+                raise
+            log.warning("another refresh of this model holds %s: waiting up to %g s for it", path, timeout)
+            stack.enter_context(file_lock(path, timeout, held))
+            log.info("the other refresh has finished: this one starts")
+        yield
 
 
 @dataclass

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.core.markdown import md, md_code
 from tasks.core.report import (
     before_after_markdown,
     example_matches,
@@ -83,15 +84,15 @@ def adaptation_report(
     summary["report"] = str(path)
     summary["markdown"] = "\n\n".join(
         [
-            f"# Adaptation of {model_name}: {version} {'promoted' if decision.promoted else 'not promoted'}",
-            f"**Decision**: {decision.reason}",
-            f"**Evaluation set**: {eval_note}",
+            f"# Adaptation of {md(model_name)}: {version} {'promoted' if decision.promoted else 'not promoted'}",
+            f"**Decision**: {md(decision.reason)}",
+            f"**Evaluation set**: {md(eval_note)}",
             before_after_markdown(before, after),
             "## Example matches (top 3, before | after; ✅ relevant)",
             examples_markdown(examples),
             "## Stages",
             timings_markdown(stages),
-            f"Training: {result.steps} steps in {result.seconds:.0f} s; loss curve: `{plot}`; report: `{path}`",
+            f"Training: {result.steps} steps in {result.seconds:.0f} s; loss curve: {md_code(plot)}; report: {md_code(path)}",
         ]
     )
     return summary

@@ -1,0 +1,59 @@
+"""Guards every training loop shares: a loss that turns NaN or infinite stops the run with a clear error.
+
+A diverged model is never saved as finished, so no flow registers it. For sentence-transformers /
+Hugging Face trainers :class:`DivergenceCallback` checks every logged loss (the trainer has no such
+stop of its own); hand-written loops call :func:`check_loss` each step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def check_loss(loss: float, step: int) -> None:
+    """Raise :class:`TrainingDivergedError` when ``loss`` is not a finite number."""
+    if not math.isfinite(float(loss)):
+        raise TrainingDivergedError(
+            f"training stopped: the loss became {loss} at step {step} (the model diverged); nothing was "
+            "registered. Lower the learning rate or check the training data"
+        )
+
+
+def divergence_callback() -> Any:
+    """A transformers ``TrainerCallback`` that stops training when a logged loss is not finite."""
+    from transformers import TrainerCallback
+
+    class DivergenceCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "train_loss"):
+                if logs and key in logs:
+                    check_loss(logs[key], state.global_step)
+
+    return DivergenceCallback()
+
+
+def quiet_trainer_logs(trainer: Any) -> None:
+    """Keep a Hugging Face trainer's log dicts off stdout: the printer goes, the progress bar (on
+    stderr) stays but no longer writes each log line under it."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            return None
+
+    trainer.remove_callback(PrinterCallback)
+    if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(BarOnly())
+
+
+def no_model_card_widgets(model: Any) -> None:
+    """Checkpoints write a model card; its widget examples cost a progress bar and encoding time."""
+    card = getattr(model, "model_card_data", None)
+    if card is not None and hasattr(card, "generate_widget_examples"):
+        card.generate_widget_examples = False
