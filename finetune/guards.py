@@ -57,3 +57,6 @@ def no_model_card_widgets(model: Any) -> None:
     card = getattr(model, "model_card_data", None)
     if card is not None and hasattr(card, "generate_widget_examples"):
         card.generate_widget_examples = False
+        # the trainer computes them at its start whenever the card has none yet: give it one
+        if hasattr(card, "widget") and not card.widget:
+            card.widget = [{"text": "widget examples are not computed by domain-adapt"}]

@@ -105,6 +105,19 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _drain_prefect_workers() -> None:
+    """Let Prefect send its queued logs and events before the server goes (else it reports a failed
+    connection at exit)."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()
+    with contextlib.suppress(Exception):
+        from prefect._internal.concurrency.services import QueueService
+
+        QueueService.drain_all(timeout=10)
+
+
 @contextlib.contextmanager
 def temporary_server() -> Iterator[None]:
     """A temporary Prefect server for the duration of a command (nothing when PREFECT_API_URL is set)."""
@@ -140,6 +153,7 @@ def temporary_server() -> Iterator[None]:
             )
         yield
     finally:
+        _drain_prefect_workers()
         server.stop()
         if record is not None:
             record.unlink(missing_ok=True)
