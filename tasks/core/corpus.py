@@ -417,11 +417,12 @@ def read_beir(folder: str | Path, split: str = "test") -> BeirData:
         raise DataError(
             folder, None, "expected a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)"
         )
-    _qrels_path(folder, split)
+    qrels_path_of(folder, split)
     return read_judged_queries(folder, split, read_corpus(folder / "corpus.jsonl"))
 
 
-def _qrels_path(folder: Path, split: str) -> Path:
+def qrels_path_of(folder: Path, split: str) -> Path:
+    """``qrels/<split>.tsv`` of a BEIR folder; DataError naming the splits there when it is missing."""
     qrels_path = folder / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         available = (
@@ -439,7 +440,7 @@ def read_judged_queries(folder: str | Path, split: str, corpus: Corpus) -> BeirD
     be retrieved; judgments naming ids that never existed are errors. Queries left without judgments
     are dropped."""
     folder = Path(folder)
-    qrels_path = _qrels_path(folder, split)
+    qrels_path = qrels_path_of(folder, split)
     queries = read_queries(folder / "queries.jsonl")
     known_docs = set(corpus.ids) | {s.doc_id for s in corpus.skipped}
     qrels = read_qrels(qrels_path, query_ids=set(queries["query_id"]), doc_ids=known_docs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.core.corpus import DataError
+from tasks.core.corpus import DataError, qrels_path_of
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -29,13 +29,4 @@ def require_beir_split(folder: Path, split: str) -> None:
     """A BEIR folder with queries.jsonl and qrels/<split>.tsv, checked without reading them."""
     require_path(folder, "a BEIR folder (queries.jsonl, qrels/<split>.tsv)", kind="folder")
     require_path(Path(folder) / "queries.jsonl", "the queries of the BEIR folder")
-    qrels = Path(folder) / "qrels" / f"{split}.tsv"
-    if not qrels.is_file():
-        available = (
-            sorted(p.stem for p in (Path(folder) / "qrels").glob("*.tsv"))
-            if (Path(folder) / "qrels").is_dir()
-            else []
-        )
-        raise DataError(
-            qrels, None, f"no judgments for split '{split}'; available splits: {available or 'none'}"
-        )
+    qrels_path_of(Path(folder), split)
