@@ -28,8 +28,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from tasks.core.models import resolve_model
+    from tasks.core.onnx import export_onnx
     from tasks.core.store import write_json_atomic
-    from tasks.serving.export import export_onnx
 
     shutil.rmtree(args.output_dir, ignore_errors=True)
     summary = export_onnx(resolve_model("all-MiniLM-L6-v2").path, args.output_dir, int8=True)

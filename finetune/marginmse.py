@@ -453,7 +453,7 @@ def train_query_side(
             epoch_order = rng.permutation(len(rows)).tolist()
         first = (step % steps_per_epoch) * config.batch_size
         batch = epoch_order[first : first + config.batch_size]
-        features = model.tokenize([rows.queries[i] for i in batch])
+        features = model.preprocess([rows.queries[i] for i in batch])
         query = F.normalize(model(dict(features))["sentence_embedding"], dim=-1)
         pos = torch.from_numpy(positives[batch])
         neg = torch.from_numpy(negatives[batch])

@@ -11,13 +11,19 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from finetune.listwise import ListwiseConfig
 from finetune.marginmse import TrainConfig
-from flows.stages import progress_reporter, train_marginmse_task
+from flows.stages import progress_reporter, train_listwise_task, train_marginmse_task
 from tasks.core.defaults import BASE_MODEL, DEFAULT_WORKSPACE, TEXT_MODEL_NAME
+from tasks.core.evaluation import heldout_eval_set
+from tasks.core.heldout import split_heldout_queries
+from tasks.core.index import INDEX_DIR, index_corpus
 from tasks.core.settings import deep_merge, require_beir_split, require_path
+from tasks.text.lists import ListConfig
 from tasks.text.negatives import MineConfig
 from tasks.text.pseudo_labels import LabelConfig
 from tasks.text.queries import OFFLINE, QGenConfig
@@ -33,6 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "consistency_top_k": None,
         },
         "label": {"teacher": "cross-encoder/ms-marco-MiniLM-L-6-v2"},
+        "method": "marginmse",
     },
 }
 
@@ -83,11 +90,34 @@ class AdaptTextConfig(BaseModel):
         0.0, ge=0, description="promote only when nDCG@10 improves by more than this"
     )
     eval_max_seq_length: int = Field(256, ge=8, le=8192, description="tokens per passage when evaluating")
+    encode_backend: Literal["pytorch", "onnx", "onnx-int8"] = Field(
+        "onnx",
+        description="how the start model encodes without gradients (corpus, teacher queries, probes, "
+        "the before evaluation): PyTorch, or ONNX Runtime in fp32 or int8 (exported once per "
+        "workspace, refused if its embeddings drift from PyTorch's)",
+    )
     seed: int = Field(13, description="random seed for sampling and splitting")
+    method: Literal["listwise", "marginmse"] = Field(
+        "listwise",
+        description="listwise: the query side learns the teacher's order of each query's candidate "
+        "documents against their cached embeddings (minutes on a CPU; the index stays valid); "
+        "marginmse: GPL's MarginMSE on both sides (hours on a CPU)",
+    )
+    serve_mode: Literal["auto", "dense", "hybrid"] = Field(
+        "auto",
+        description="what the new version serves and the gate compares: dense, hybrid (dense + BM25), "
+        "or auto: whichever measures better after training",
+    )
     qgen: QGenConfig = Field(default_factory=QGenConfig, description="query generation")
-    mine: MineConfig = Field(default_factory=MineConfig, description="negative mining")
+    mine: MineConfig = Field(default_factory=MineConfig, description="negative mining (method marginmse)")
     label: LabelConfig = Field(default_factory=LabelConfig, description="pseudo-labels")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="MarginMSE training")
+    lists: ListConfig = Field(default_factory=ListConfig, description="candidate lists (method listwise)")
+    listwise: ListwiseConfig = Field(
+        default_factory=ListwiseConfig, description="listwise training of the query side (method listwise)"
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="MarginMSE training (method marginmse)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -110,19 +140,16 @@ class AdaptTextConfig(BaseModel):
 )
 def adapt_text_flow(config: AdaptTextConfig) -> dict:
     """Run every stage; returns the report (also saved as JSON and published as artifacts)."""
-    from finetune.marginmse import TrainingRows, cached_student_margins
     from tasks.core.corpus import read_corpus, read_judged_queries
     from tasks.core.embeddings import EmbeddingCache
-    from tasks.core.evaluation import evaluate_cached, heldout_eval_set
-    from tasks.core.heldout import split_heldout_queries
-    from tasks.core.index import INDEX_DIR, index_corpus
+    from tasks.core.evaluation import identical_ids
     from tasks.core.models import load_sentence_transformer, resolve_model
     from tasks.core.registry import Registry
     from tasks.core.report import publish_markdown
-    from tasks.core.store import Store, stage_key
+    from tasks.core.store import Store
     from tasks.core.timing import Stopwatch
     from tasks.core.workspace import check_writable
-    from tasks.text.pipeline import LabelPipeline, training_table
+    from tasks.text.pipeline import LabelPipeline
     from tasks.text.report import adaptation_report
 
     logger = get_run_logger()
@@ -143,25 +170,44 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
     start_model = str(registry.path(config.model_name, current)) if current else config.base_model
     start = resolve_model(start_model)
     logger.info("starting model: %s", start.describe() if not current else f"{config.model_name} {current}")
+    # a version that adapted only its query side serves documents with an earlier model
+    documents = resolve_model(registry.document_model(config.model_name, current)) if current else start
     encoder = load_sentence_transformer(start)
-    cache = EmbeddingCache(
-        config.workspace,
-        encoder,
-        start.fingerprint,
-        max_seq_length=config.mine.max_seq_length,
-        batch_size=config.mine.batch_size,
-    )
+    doc_encoder = encoder if documents.path == start.path else load_sentence_transformer(documents)
+
+    def cache_of(
+        model: Any, resolved: Any, length: int, backend: str = config.encode_backend
+    ) -> EmbeddingCache:
+        from tasks.core.onnx import fast_encode
+
+        encode = fast_encode(
+            resolved.path, resolved.fingerprint, config.workspace, backend=backend, max_seq_length=length
+        )
+        return EmbeddingCache(
+            config.workspace,
+            model,
+            resolved.fingerprint,
+            max_seq_length=length,
+            batch_size=config.mine.batch_size,
+            encode=encode,
+            name=f"{resolved.fingerprint}-{length}-{backend}" if encode else None,
+        )
+
+    cache = cache_of(doc_encoder, documents, config.mine.max_seq_length)
+    query_cache = cache if doc_encoder is encoder else cache_of(encoder, start, config.mine.max_seq_length)
 
     # --- 1. queries
     pipeline = LabelPipeline(
         corpus,
         cache,
         store,
-        start.fingerprint,
+        documents.fingerprint,
         config,
         watch=watch,
         progress=progress_reporter(logger),
+        query_cache=query_cache,
     )
+    logger.info("offline teacher: %s", pipeline.teacher_weight.describe())
     queries_ref, queries = pipeline.queries()
     manifest = queries_ref.manifest
     logger.info("queries: %d kept of %d generated", len(queries), manifest.get("generated", len(queries)))
@@ -170,17 +216,22 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
             "no query survived generation and filtering; lower qgen.consistency_top_k or check the corpus"
         )
 
-    # --- evaluation set: the user's judgments, or generated queries of held-out documents
+    # --- evaluation set: the user's judgments, or generated queries of held-out documents. Queries of
+    # held-out and probe documents are never trained on, whichever evaluation set is used.
+    probe_docs = set(pipeline.probe_doc_ids)
+    train_queries, heldout = split_heldout_queries(
+        queries[~queries["doc_id"].isin(probe_docs)],
+        config.heldout_fraction,
+        config.max_heldout_queries,
+        seed=config.seed,
+    )
     if user_eval is not None:
-        eval_data, train_queries = user_eval, queries
+        eval_data = user_eval
         eval_note = (
             f"the user's queries and judgments: {config.eval} [{config.eval_split}], "
             f"{len(eval_data.queries)} queries"
         )
     else:
-        train_queries, heldout = split_heldout_queries(
-            queries, config.heldout_fraction, config.max_heldout_queries, seed=config.seed
-        )
         eval_data = heldout_eval_set(corpus, heldout)
         eval_note = (
             f"held-out generated queries ({len(heldout)} queries from {config.heldout_fraction:.0%} of the "
@@ -188,91 +239,95 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
         )
     if config.max_train_queries and len(train_queries) > config.max_train_queries:
         train_queries = train_queries.sample(n=config.max_train_queries, random_state=config.seed)
+    train_ids = sorted(train_queries["query_id"])
 
-    # --- 2. negatives, 3. labels, 4. training
-    labels_ref, labels = pipeline.labels(queries_ref, sorted(train_queries["query_id"]))
-    rows = TrainingRows.from_table(training_table(labels, queries, corpus))
-    train_key = stage_key(
-        "train", config.train.model_dump(mode="json"), inputs=[labels_ref.key], models=[start.fingerprint]
+    # --- 2.-4. labels and training
+    trained_run = (_train_listwise if config.method == "listwise" else _train_marginmse)(
+        config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch
     )
-    result = watch.run(
-        "train",
-        len(rows),
-        train_marginmse_task,
-        config.model_name,
-        str(start.path),
-        rows,
-        config.train,
-        str(config.workspace / "train" / train_key),
-        student_margins=cached_student_margins(cache),
-    )
-    watch.stages["train"]["items"] = result.steps * config.train.batch_size
+    result, labels_key = trained_run["result"], trained_run["labels_key"]
 
-    # --- 5. evaluate before/after, register and gate
-    eval_length = config.eval_max_seq_length
-    before_cache = (
-        cache
-        if eval_length == cache.max_seq_length
-        else EmbeddingCache(config.workspace, encoder, start.fingerprint, max_seq_length=eval_length)
-    )
-    before = watch.run(
-        "evaluate before",
-        len(eval_data.queries),
-        evaluate_cached,
-        before_cache,
-        eval_data,
-        f"before: {current or config.base_model}",
-        progress=progress_reporter(logger)("evaluation before: encoding the corpus"),
+    # --- 5. evaluate before/after (dense and hybrid), register and gate
+    length = config.eval_max_seq_length
+    before_docs = cache if length == cache.max_seq_length else cache_of(doc_encoder, documents, length)
+    before_queries = (
+        before_docs
+        if query_cache is cache
+        else (query_cache if length == query_cache.max_seq_length else cache_of(encoder, start, length))
     )
     trained = load_sentence_transformer(str(result.model_dir))
-    after_cache = EmbeddingCache(
-        config.workspace,
-        trained,
-        resolve_model(str(result.model_dir)).fingerprint,
-        max_seq_length=eval_length,
-    )
-    after = watch.run(
-        "evaluate after",
-        len(eval_data.queries),
-        evaluate_cached,
-        after_cache,
+    trained_model = resolve_model(str(result.model_dir))
+    after_queries = cache_of(trained, trained_model, length, "pytorch")  # few texts: no export
+    after_docs = before_docs if config.method == "listwise" else after_queries
+    exclude = identical_ids(eval_data)
+    card_before = registry.card(config.model_name, current) if current else {}
+    weight_before = (card_before.get("serving") or {}).get("bm25_weight", pipeline.teacher_weight.weight)
+    with watch.stage("choose bm25 weight after") as record:
+        weight_after = (
+            pipeline.choose_bm25_weight(
+                cache_of(trained, trained_model, config.mine.max_seq_length, "pytorch")
+            )
+            if config.method == "listwise"
+            else pipeline.choose_bm25_weight(
+                after_queries, doc_cache=after_queries, doc_vectors=after_queries.embed(corpus.texts())
+            )
+        )
+        record["items"] = weight_after.probes
+    logger.info("hybrid after training: %s", weight_after.describe())
+    evaluation = _evaluate(
+        watch,
         eval_data,
-        "after: adapted",
-        progress=progress_reporter(logger)("evaluation after: encoding the corpus"),
+        pipeline.bm25,
+        exclude,
+        pool=config.label.pool,
+        before=(before_queries, before_docs, weight_before, f"before: {current or config.base_model}"),
+        after=(after_queries, after_docs, weight_after.weight, "after: adapted"),
+        progress=progress_reporter(logger),
     )
+    mode = config.serve_mode
+    if mode == "auto":
+        mode = "hybrid" if evaluation["hybrid"][1].primary > evaluation["dense"][1].primary else "dense"
+    before, after = evaluation[mode]
+    serving = {"mode": mode, "bm25_weight": weight_after.weight, "pool": config.label.pool}
+    card = {
+        "base_model": config.base_model,
+        "parent_version": current,
+        "start_model": start_model,
+        "data_key": corpus.key,
+        "labels_key": labels_key,
+        "config": json.loads(config.model_dump_json()),
+        "method": config.method,
+        "serving": serving,
+        "bm25_weights": {"teacher": pipeline.teacher_weight.to_dict(), "after": weight_after.to_dict()},
+        "metrics_before": evaluation["dense"][0].metrics,
+        "metrics_after": evaluation["dense"][1].metrics,
+        "metrics_before_hybrid": evaluation["hybrid"][0].metrics,
+        "metrics_after_hybrid": evaluation["hybrid"][1].metrics,
+        "eval_set": eval_note,
+        "kind": "sentence-transformer",
+    }
+    if config.method == "listwise":  # documents keep the embeddings of the model they were indexed with
+        card |= {"document_model": str(documents.path), "document_fingerprint": documents.fingerprint}
     decision = registry.register_and_gate(
         config.model_name,
         result.model_dir,
-        {
-            "base_model": config.base_model,
-            "parent_version": current,
-            "start_model": start_model,
-            "data_key": corpus.key,
-            "labels_key": labels_ref.key,
-            "config": json.loads(config.model_dump_json()),
-            "metrics_before": before.metrics,
-            "metrics_after": after.metrics,
-            "eval_set": eval_note,
-            "kind": "sentence-transformer",
-        },
+        card,
         new_score=after.primary,
         current_score=before.primary,
-        metric="nDCG@10",
+        metric=f"{mode} nDCG@10",
         min_delta=config.promote_min_delta,
     )
     logger.info("%s %s: %s", config.model_name, decision.version, decision.reason)
-    if (
-        decision.promoted
-    ):  # the new current serves searches: its index goes next to it (embeddings are cached)
+    if decision.promoted:  # the new current serves searches: its index goes next to it (embeddings cached)
         watch.run(
             "search index",
             len(corpus),
             index_corpus,
-            trained,
+            doc_encoder if config.method == "listwise" else trained,
             corpus,
             registry.path(config.model_name, decision.version) / INDEX_DIR,
-            cache=after_cache,
-            max_seq_length=eval_length,
+            cache=after_docs,
+            max_seq_length=length,
         )
 
     # --- report
@@ -284,9 +339,12 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
         manifest=manifest,
         eval_data=eval_data,
         eval_note=eval_note,
-        before=before,
-        after=after,
+        evaluation=evaluation,
+        mode=mode,
+        weights={"teacher": pipeline.teacher_weight, "after": weight_after, "before": weight_before},
+        identical=len(exclude),
         result=result,
+        method=config.method,
         version=decision.version,
         decision=decision,
         stages=watch.stages,
@@ -297,3 +355,102 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
     )
     logger.info("report written to %s", summary["report"])
     return summary
+
+
+def _train_listwise(config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch) -> dict:
+    """Candidate lists for the training queries, then listwise training of the query side."""
+    from finetune.listwise import CandidateLists
+    from tasks.core.store import stage_key
+
+    lists_ref, table = pipeline.lists(queries_ref, train_ids, config.lists)
+    doc_ids, doc_vectors = pipeline.doc_embeddings
+    row_of = {d: i for i, d in enumerate(doc_ids)}
+    text_of = dict(zip(queries["query_id"], queries["text"], strict=True))
+    lists = CandidateLists(
+        [text_of[q] for q in table["query_id"]],
+        np.asarray([[row_of[d] for d in ids] for ids in table["doc_ids"]], dtype=np.int64),
+        np.stack([np.asarray(s, dtype=np.float32) for s in table["scores"]]),
+    )
+    key = stage_key(
+        "train-listwise",
+        config.listwise.model_dump(mode="json"),
+        inputs=[lists_ref.key, pipeline.embeddings_ref.key],
+        models=[start.fingerprint],
+    )
+    result = watch.run(
+        "train",
+        len(lists),
+        train_listwise_task,
+        config.model_name,
+        str(start.path),
+        lists,
+        doc_vectors,
+        config.listwise,
+        str(config.workspace / "train" / key),
+    )
+    watch.stages["train"]["items"] = result.steps * config.listwise.batch_size
+    return {"result": result, "labels_key": lists_ref.key}
+
+
+def _train_marginmse(config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch) -> dict:
+    """Negatives and margins for the training queries, then MarginMSE on both sides (GPL)."""
+    from finetune.marginmse import TrainingRows, cached_student_margins
+    from tasks.core.store import stage_key
+    from tasks.text.pipeline import training_table
+
+    labels_ref, labels = pipeline.labels(queries_ref, train_ids)
+    rows = TrainingRows.from_table(training_table(labels, queries, pipeline.corpus))
+    key = stage_key(
+        "train", config.train.model_dump(mode="json"), inputs=[labels_ref.key], models=[start.fingerprint]
+    )
+    result = watch.run(
+        "train",
+        len(rows),
+        train_marginmse_task,
+        config.model_name,
+        str(start.path),
+        rows,
+        config.train,
+        str(config.workspace / "train" / key),
+        student_margins=cached_student_margins(query_cache, pipeline.cache),
+    )
+    watch.stages["train"]["items"] = result.steps * config.train.batch_size
+    return {"result": result, "labels_key": labels_ref.key}
+
+
+def _evaluate(watch, data, bm25, exclude, *, pool, before, after, progress) -> dict[str, tuple[Any, Any]]:
+    """Dense and hybrid reports before and after: {"dense": (before, after), "hybrid": (before, after)};
+    ``before``/``after`` are (query cache, document cache, BM25 weight, system name)."""
+    from tasks.core.evaluation import evaluate_cached, evaluate_hybrid
+
+    reports: dict[str, list[Any]] = {"dense": [], "hybrid": []}
+    for when, (queries, docs, weight, system) in (("before", before), ("after", after)):
+        reports["dense"].append(
+            watch.run(
+                f"evaluate {when}",
+                len(data.queries),
+                evaluate_cached,
+                queries,
+                data,
+                system,
+                doc_cache=docs,
+                exclude=exclude,
+                progress=progress(f"evaluation {when}: encoding the corpus"),
+            )
+        )
+        reports["hybrid"].append(
+            watch.run(
+                f"evaluate {when} (hybrid)",
+                len(data.queries),
+                evaluate_hybrid,
+                queries,
+                docs,
+                data,
+                bm25,
+                weight,
+                f"{system} + BM25 (weight {weight:g})",
+                pool=pool,
+                exclude=exclude,
+            )
+        )
+    return {mode: (pair[0], pair[1]) for mode, pair in reports.items()}

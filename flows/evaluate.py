@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.stages import evaluate_bm25_task, evaluate_model_task, read_beir_task
 from tasks.core.defaults import BASE_MODEL, DEFAULT_WORKSPACE
-from tasks.core.evaluation import EvalReport, markdown_table, save_reports
+from tasks.core.evaluation import EvalReport, identical_ids, markdown_table, save_reports
 from tasks.core.markdown import md, md_code
 from tasks.core.report import publish_markdown
 from tasks.core.settings import require_beir_split
@@ -56,14 +56,26 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
     logger.info(
         "%s [%s]: %d queries, %d documents", data.folder, data.split, len(data.queries), len(data.corpus)
     )
+    exclude = identical_ids(data)
+    if exclude:
+        logger.info(
+            "%d queries share an id with a document: it is never counted as retrieved for them "
+            "(as BEIR's ignore_identical_ids)",
+            len(exclude),
+        )
     reports: list[EvalReport] = [
         evaluate_model_task(
-            name, data, top_k=config.top_k, batch_size=config.batch_size, max_seq_length=config.max_seq_length
+            name,
+            data,
+            top_k=config.top_k,
+            batch_size=config.batch_size,
+            max_seq_length=config.max_seq_length,
+            exclude=exclude,
         )
         for name in config.models
     ]
     if config.bm25:
-        reports.append(evaluate_bm25_task(data, top_k=config.top_k))
+        reports.append(evaluate_bm25_task(data, top_k=config.top_k, exclude=exclude))
     output = config.output or config.workspace / "reports" / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path = save_reports(reports, output)
     publish_markdown(
@@ -78,4 +90,5 @@ def evaluate_flow(config: EvaluateConfig) -> dict:
         "reports": [r.to_dict() for r in reports],
         "queries": len(data.queries),
         "documents": len(data.corpus),
+        "identical_id_queries": len(exclude),
     }

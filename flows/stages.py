@@ -97,6 +97,18 @@ def train_query_side_task(base_path: str, rows, doc_cache, config, output_dir: s
     )
 
 
+@task(name="train-listwise", task_run_name="train the query side of {model_name} (listwise)")
+def train_listwise_task(model_name: str, base_path: str, lists, document_vectors, config, output_dir: str):
+    """Listwise distillation of the query side over fixed document embeddings
+    (:func:`finetune.listwise.train_listwise`)."""
+    from finetune.listwise import train_listwise
+
+    progress = progress_reporter(get_run_logger())
+    return train_listwise(
+        base_path, lists, document_vectors, config, output_dir, progress=progress("training steps")
+    )
+
+
 @task(name="train-catalog-encoder", task_run_name="train from {model}")
 def train_catalog_encoder_task(model: str, pairs_path: str, config, **settings) -> dict:
     """Image/text training on a catalog's pairs (:func:`finetune.clip.stage.train_stage`), the loss

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from flows.adapt_text import AdaptTextConfig
 from flows.cli import main
 from tasks.core.corpus import read_corpus
-from tasks.core.heldout import split_heldout_queries
+from tasks.core.heldout import heldout_mask, split_heldout_queries
 from tasks.core.registry import Registry
 from tasks.core.store import Store
 from tasks.serving.search import Searcher
@@ -41,6 +42,18 @@ def _args(corpus, workspace, model, *extra):
         "2",
         "--train-eval-steps",
         "2",
+        "--listwise-max-steps",
+        "3",
+        "--listwise-batch-size",
+        "4",
+        "--listwise-max-seq-length",
+        "48",
+        "--listwise-save-steps",
+        "2",
+        "--lists-top",
+        "8",
+        "--lists-sampled",
+        "4",
         "--mine-max-seq-length",
         "64",
         "--eval-max-seq-length",
@@ -55,7 +68,7 @@ def test_text_help_explains_every_option(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     for name in AdaptTextConfig.model_fields:
-        if name not in ("qgen", "mine", "label", "train"):
+        if name not in ("qgen", "mine", "label", "train", "lists", "listwise"):
             assert "--" + name.replace("_", "-") in text
     for option in (
         "--qgen-generator",
@@ -65,6 +78,9 @@ def test_text_help_explains_every_option(capsys):
         "--label-bm25-weight",
         "--train-learning-rate",
         "--train-time-budget-minutes",
+        "--listwise-learning-rate",
+        "--listwise-average-with-start",
+        "--lists-sampled",
         "--preset",
     ):
         assert option in text
@@ -96,24 +112,37 @@ def test_adapt_text_with_the_users_judgments(prefect_harness, tmp_path, small_be
     assert "the user's queries" in report["eval_set"] and "12 queries" in report["eval_set"]
     assert report["train"]["steps"] == 3 and report["queries_kept"] > 0
     assert set(report["stages"]) >= {
+        "choose bm25 weight",
         "generate queries",
-        "mine negatives",
-        "pseudo-labels",
+        "candidate lists",
         "train",
         "evaluate before",
         "evaluate after",
+        "evaluate before (hybrid)",
+        "evaluate after (hybrid)",
     }
+    assert "dense" in out.lower() and "Hybrid" in out
     assert (workspace / "reports" / f"{reports[0].stem}-loss.png").stat().st_size > 1000
     registry = Registry(workspace)
     assert registry.versions("text-retriever") == ["v0001"]
-    better = report["ndcg@10_after"] > report["ndcg@10_before"]
+    mode = report["serve_mode"]
+    prefix = "hybrid_" if mode == "hybrid" else ""
+    after, before = report[f"{prefix}ndcg@10_after"], report[f"{prefix}ndcg@10_before"]
+    # the served mode is the one that measured better after training
+    assert mode == ("hybrid" if report["hybrid_ndcg@10_after"] > report["ndcg@10_after"] else "dense")
+    better = after > before
     assert report["promoted"] == better
-    # the gate compared exactly the reported before/after scores
-    assert f"{report['ndcg@10_after']:.4f}" in report["decision"]
-    assert f"{report['ndcg@10_before']:.4f}" in report["decision"]
+    # the gate compared exactly the reported before/after scores of the served mode (like with like)
+    assert f"{after:.4f}" in report["decision"] and f"{before:.4f}" in report["decision"]
+    assert f"{mode} nDCG@10" in report["decision"]
     assert registry.current("text-retriever") == ("v0001" if better else None)
     card = registry.card("text-retriever", "v0001")
     assert card["metrics_before"]["nDCG@10"] == pytest.approx(report["ndcg@10_before"])
+    assert card["metrics_after_hybrid"]["nDCG@10"] == pytest.approx(report["hybrid_ndcg@10_after"])
+    assert card["serving"]["mode"] == mode and 0 <= card["serving"]["bm25_weight"] <= 1
+    assert card["serving"]["bm25_weight"] == report["bm25_weight_after"]["weight"]
+    # only the query side trained: documents keep the start model's embeddings
+    assert card["method"] == "listwise" and card["document_model"] == str(tiny_bi_encoder)
 
     # long stages publish progress artifacts in the flow run, finished at 100%
     from prefect.client.orchestration import get_client
@@ -146,12 +175,15 @@ def test_adapt_text_without_judgments_holds_out_generated_queries(
     assert first["queries_generated"] >= first["queries_kept"] > 0
     store = Store(workspace)
     queries = store.read_pandas("queries", store.keys("queries")[0])
-    _, heldout = split_heldout_queries(queries, 0.2, 300, seed=13)
+    ids = read_corpus(small_beir).ids
+    probe_docs = {d for d, held in zip(ids, heldout_mask(ids, 0.2, salt="probe"), strict=True) if held}
+    _, heldout = split_heldout_queries(queries[~queries["doc_id"].isin(probe_docs)], 0.2, 300, seed=13)
     assert f"{len(heldout)} queries" in first["eval_set"]
-    labels = store.read_pandas("labels", store.keys("labels")[0])
-    trained_docs = set(queries.set_index("query_id").loc[labels["query_id"].unique(), "doc_id"])
+    lists = store.read_pandas("lists", store.keys("lists")[0])
+    trained_docs = set(queries.set_index("query_id").loc[lists["query_id"].unique(), "doc_id"])
     assert trained_docs and not set(heldout["doc_id"]) & trained_docs  # no held-out document trained
-    keys = {stage: store.keys(stage) for stage in ("queries", "negatives", "labels", "embeddings")}
+    assert probe_docs and not probe_docs & trained_docs  # nor one the BM25 weight is chosen on
+    keys = {stage: store.keys(stage) for stage in ("queries", "lists", "embeddings")}
 
     # the same run again reuses every stage and the trained model
     capsys.readouterr()
@@ -170,7 +202,13 @@ def test_models_and_search_commands(prefect_harness, tmp_path, small_beir, tiny_
     assert (
         main(
             _args(
-                small_beir, workspace, tiny_bi_encoder, "--train-max-steps", "1", "--promote-min-delta", "1"
+                small_beir,
+                workspace,
+                tiny_bi_encoder,
+                "--listwise-max-steps",
+                "1",
+                "--promote-min-delta",
+                "1",
             )
         )
         == 0
@@ -193,7 +231,8 @@ def test_models_and_search_commands(prefect_harness, tmp_path, small_beir, tiny_
 
     corpus = read_corpus(small_beir)
     title = corpus.docs["title"].iat[3]
-    assert main(["search", title, "--top-k", "5", "--json", "--workspace", str(workspace)]) == 0
+    dense = ["--mode", "dense"]
+    assert main(["search", title, "--top-k", "5", "--json", "--workspace", str(workspace), *dense]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 5 and all(h["doc_id"] in set(corpus.ids) for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
@@ -202,10 +241,35 @@ def test_models_and_search_commands(prefect_harness, tmp_path, small_beir, tiny_
 
     # the Python API gives the same ranking, with the model's own embeddings
     searcher = Searcher(workspace, "text-retriever")
-    assert [h.doc_id for h in searcher.search(title, k=5)] == [h["doc_id"] for h in hits]
+    assert searcher.mode == registry.card("text-retriever", "v0001")["serving"]["mode"]
+    assert [h.doc_id for h in searcher.search(title, k=5, mode="dense")] == [h["doc_id"] for h in hits]
     query_vector = searcher.encode([title])[0]
-    doc_vector = searcher.encode([corpus.texts()[corpus.ids.index(hits[0]["doc_id"])]])[0]
+    doc_vector = searcher.encode_documents([corpus.texts()[corpus.ids.index(hits[0]["doc_id"])]])[0]
     assert float(query_vector @ doc_vector) == pytest.approx(hits[0]["score"], abs=1e-4)
+
+    # hybrid: the card's weight over the dense scores and BM25 of the same corpus
+    from tasks.core.bm25 import BM25Index
+    from tasks.core.hybrid import hybrid_rows
+
+    assert (
+        main(["search", title, "--top-k", "5", "--json", "--mode", "hybrid", "--workspace", str(workspace)])
+        == 0
+    )
+    fused_hits = json.loads(capsys.readouterr().out)
+    bm25 = BM25Index(corpus.texts())
+    documents = searcher.encode_documents(corpus.texts())
+    row = hybrid_rows(
+        query_vector[None, :] @ documents.T,
+        bm25.all_scores(bm25.query_ids([title])[0])[None, :],
+        searcher.bm25_weight,
+        searcher.serving["pool"],
+    )[0]
+    expected = [corpus.ids[i] for i in np.argsort(-row)[:5]]
+    assert [h["doc_id"] for h in fused_hits] == expected
+    assert fused_hits[0]["doc_id"] == corpus.ids[3]  # its own title finds it
+    with pytest.raises(SystemExit) as info:
+        main(["search", title, "--mode", "fuzzy", "--workspace", str(workspace)])
+    assert info.value.code == 2 and "invalid choice: 'fuzzy'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flows.cli import main
+from tasks.core.onnx import OnnxEncoder, export_onnx
 from tasks.core.registry import Registry
-from tasks.serving.export import OnnxEncoder, export_onnx
 
 
 @pytest.fixture()
@@ -50,3 +50,27 @@ def test_export_command(registered, capsys):
     assert (Registry(registered).path("text-retriever") / "onnx" / "model.onnx").is_file()
     assert main(["export", "--onnx", "--model-name", "nope", "--workspace", str(registered)]) == 2
     assert main(["export", "--onnx", "--min-cosine", "2", "--workspace", str(registered)]) == 2
+
+
+def test_fast_encode_keeps_order_and_matches_pytorch(tmp_path, tiny_bi_encoder):
+    from tasks.core.models import load_sentence_transformer, resolve_model
+    from tasks.core.onnx import fast_encode
+
+    resolved = resolve_model(str(tiny_bi_encoder))
+    assert (
+        fast_encode(resolved.path, resolved.fingerprint, tmp_path, backend="pytorch", max_seq_length=32)
+        is None
+    )
+    encode = fast_encode(resolved.path, resolved.fingerprint, tmp_path, backend="onnx", max_seq_length=32)
+    texts = ["short", "a much longer text with many more words than the first one has", "mid length text"]
+    got = encode(texts)  # batched longest first, returned in the order given
+    model = load_sentence_transformer(str(tiny_bi_encoder))
+    model.max_seq_length = 32
+    want = model.encode(texts, normalize_embeddings=True)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(got, want, atol=1e-4)
+    assert (tmp_path / "cache" / "onnx" / resolved.fingerprint / "model-int8.onnx").is_file()
+    int8 = fast_encode(resolved.path, resolved.fingerprint, tmp_path, backend="onnx-int8", max_seq_length=32)
+    assert np.einsum("ij,ij->i", int8(texts), want).min() > 0.9
+    with pytest.raises(ValueError, match="encode backend"):
+        fast_encode(resolved.path, resolved.fingerprint, tmp_path, backend="tpu", max_seq_length=32)

@@ -279,7 +279,7 @@ def test_training_prints_no_trainer_dicts(tmp_path, tiny_bi_encoder, capsys):
 def test_export_raises_no_tracer_warning(tmp_path, tiny_bi_encoder, recwarn):
     import torch
 
-    from tasks.serving.export import export_onnx
+    from tasks.core.onnx import export_onnx
 
     export_onnx(tiny_bi_encoder, tmp_path / "onnx", min_cosine=0.9)
     assert not [w for w in recwarn if issubclass(w.category, torch.jit.TracerWarning)]

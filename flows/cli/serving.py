@@ -10,7 +10,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -63,6 +63,11 @@ class SearchConfig(BaseModel):
         None,
         description="search this corpus (or catalog, with --images) instead of the "
         "one recorded on the model's card",
+    )
+    mode: Literal["dense", "hybrid"] | None = Field(
+        None,
+        description="text search: dense (the model alone) or hybrid (fused with BM25); none: what the "
+        "version serves (its card: the mode `adapt text` measured better)",
     )
     workspace: Path = Field(DEFAULT_WORKSPACE, description="workspace folder holding models/")
     as_json: bool = Field(False, description="print the hits as JSON", json_schema_extra={"flag": "--json"})
@@ -212,7 +217,7 @@ def _search(args: argparse.Namespace) -> int:
     else:
         from tasks.serving.search import Searcher
 
-        searcher = Searcher(config.workspace, model_name, corpus=config.corpus)
+        searcher = Searcher(config.workspace, model_name, corpus=config.corpus, mode=config.mode)
     hits = searcher.search(config.query, k=config.top_k)
     if config.as_json:
         print(json.dumps([asdict(h) for h in hits], indent=2))
@@ -223,7 +228,9 @@ def _search(args: argparse.Namespace) -> int:
         "doc_id",
         "title / text",
         *(["image"] if config.images else []),
-        title=f"{model_name} {searcher.version}: {config.query}",
+        title=f"{model_name} {searcher.version}"
+        + ("" if config.images else f" ({searcher.mode})")
+        + f": {config.query}",
         right=("#", "score"),
     )
     for rank, hit in enumerate(hits, 1):
@@ -234,8 +241,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from tasks.core.onnx import export_onnx
     from tasks.core.registry import Registry
-    from tasks.serving.export import export_onnx
 
     config: ExportConfig = build_config(ExportConfig, args)  # type: ignore[assignment]
     registry = Registry(config.workspace)

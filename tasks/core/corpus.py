@@ -114,6 +114,8 @@ class BeirData:
     qrels: dict[str, dict[str, int]]
     folder: str
     split: str
+    # judgments naming a document the reader left out (empty): dropped, since it can never be retrieved
+    dropped_judgments: int = 0
 
 
 def content_hash(
@@ -445,8 +447,23 @@ def read_judged_queries(folder: str | Path, split: str, corpus: Corpus) -> BeirD
     known_docs = set(corpus.ids) | {s.doc_id for s in corpus.skipped}
     qrels = read_qrels(qrels_path, query_ids=set(queries["query_id"]), doc_ids=known_docs)
     empty = {s.doc_id for s in corpus.skipped}
+    dropped = 0
     if empty:  # judgments that point at left-out (empty) documents can never be retrieved
+        dropped = sum(d in empty for docs in qrels.values() for d in docs)
         qrels = {q: {d: g for d, g in docs.items() if d not in empty} for q, docs in qrels.items()}
         qrels = {q: docs for q, docs in qrels.items() if docs}
+        if dropped:
+            log.warning(
+                "%s: %d judgment(s) name a document left out of the corpus (empty); not evaluated",
+                qrels_path,
+                dropped,
+            )
     queries = queries[queries["query_id"].isin(qrels)].reset_index(drop=True)
-    return BeirData(corpus=corpus, queries=queries, qrels=qrels, folder=str(folder), split=split)
+    return BeirData(
+        corpus=corpus,
+        queries=queries,
+        qrels=qrels,
+        folder=str(folder),
+        split=split,
+        dropped_judgments=dropped,
+    )

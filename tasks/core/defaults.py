@@ -28,3 +28,7 @@ SUPERVISED_MODEL_NAME = "supervised"
 
 IMAGE_SIZE = (80, 60)
 """(height, width) product images are decoded at, fitted on white."""
+
+DEFAULT_BM25_WEIGHT = 0.3
+"""The hybrid's BM25 weight where nothing better is known: where the per-corpus choice starts from
+(and stays when its probes show no clear gain), and what a version without a recorded weight uses."""

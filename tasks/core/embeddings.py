@@ -200,7 +200,8 @@ def embed_corpus(
     Encoding goes through the persistent EmbeddingCache, so a document whose text was encoded
     before by the same model (in this run, an earlier run, or before a crash) is not encoded again.
     """
-    settings = {"max_seq_length": cache.max_seq_length, "part_size": part_size}
+    # the cache's folder names the model, the length and how it encodes (PyTorch or ONNX)
+    settings = {"max_seq_length": cache.max_seq_length, "part_size": part_size, "cache": cache.folder.name}
     key = stage_key("embeddings", settings, inputs=[corpus.key], models=[cache.fingerprint])
     if store.is_complete("embeddings", key):
         return store.ref("embeddings", key)

@@ -155,8 +155,10 @@ def evaluate_model(
     max_seq_length: int | None = 256,
     show_progress: bool = True,
     model: Any = None,
+    exclude: Mapping[str, set[str]] | None = None,
 ) -> EvalReport:
-    """Dense retrieval metrics of a sentence-transformers model (by name, or already loaded)."""
+    """Dense retrieval metrics of a sentence-transformers model (by name, or already loaded);
+    ``exclude[query_id]``: documents never counted as retrieved for that query."""
     from tasks.core.models import load_sentence_transformer
 
     start = time.time()
@@ -164,7 +166,13 @@ def evaluate_model(
     if model is not None and max_seq_length:
         encoder.max_seq_length = max_seq_length
     run = dense_search(
-        encoder, data.corpus, data.queries, top_k=top_k, batch_size=batch_size, show_progress=show_progress
+        encoder,
+        data.corpus,
+        data.queries,
+        top_k=top_k,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        exclude=exclude,
     )
     return report_from_run(model_name, data, run, seconds=time.time() - start)
 
@@ -185,10 +193,12 @@ def evaluate_cached(
     doc_cache: Any = None,
     top_k: int = 100,
     progress: Any = None,
+    exclude: Mapping[str, set[str]] | None = None,
 ) -> EvalReport:
     """Dense retrieval metrics from embedding caches (``embed(texts)``): queries through ``query_cache``,
     documents through ``doc_cache`` (default: the same model), so nothing cached is encoded again;
-    ``progress(done, total)`` follows the encoding of the corpus."""
+    ``progress(done, total)`` follows the encoding of the corpus; ``exclude[query_id]`` are documents
+    never counted as retrieved for that query (see :func:`identical_ids`)."""
     start = time.time()
     doc_vectors = (doc_cache or query_cache).embed(
         data.corpus.texts(), desc="encoding corpus for evaluation", progress=progress
@@ -200,13 +210,62 @@ def evaluate_cached(
         data.queries["query_id"].tolist(),
         query_vectors,
         top_k=top_k,
+        exclude=exclude,
     )
     return report_from_run(system, data, run, seconds=time.time() - start)
 
 
-def evaluate_bm25(data: BeirData, *, top_k: int = 100, k1: float = 0.9, b: float = 0.4) -> EvalReport:
+def evaluate_hybrid(
+    query_cache: Any,
+    doc_cache: Any,
+    data: BeirData,
+    bm25: Any,
+    weight: float,
+    system: str,
+    *,
+    pool: int = 100,
+    top_k: int = 100,
+    exclude: Mapping[str, set[str]] | None = None,
+) -> EvalReport:
+    """Hybrid (dense + BM25, :mod:`tasks.core.hybrid`) retrieval metrics; ``bm25`` indexes
+    ``data.corpus`` in its order."""
+    from tasks.core.hybrid import hybrid_run
+
     start = time.time()
-    run = bm25_search(data.corpus, data.queries, top_k=top_k, k1=k1, b=b)
+    texts = data.queries["text"].tolist()
+    run = hybrid_run(
+        query_cache.embed(texts, desc="encoding evaluation queries"),
+        texts,
+        data.queries["query_id"].tolist(),
+        doc_cache.embed(data.corpus.texts(), desc="encoding corpus for evaluation"),
+        data.corpus.ids,
+        bm25,
+        weight,
+        pool=pool,
+        top_k=top_k,
+        exclude=exclude,
+    )
+    return report_from_run(system, data, run, seconds=time.time() - start)
+
+
+def identical_ids(data: BeirData) -> dict[str, set[str]]:
+    """Queries whose id is also a document id, each mapped to itself: such a document is never
+    counted as retrieved for its query (BEIR's ``ignore_identical_ids``; ArguAna's queries are
+    arguments of its own corpus, and without this each would find itself first)."""
+    ids = set(data.corpus.ids)
+    return {q: {q} for q in data.queries["query_id"] if q in ids}
+
+
+def evaluate_bm25(
+    data: BeirData,
+    *,
+    top_k: int = 100,
+    k1: float = 0.9,
+    b: float = 0.4,
+    exclude: Mapping[str, set[str]] | None = None,
+) -> EvalReport:
+    start = time.time()
+    run = bm25_search(data.corpus, data.queries, top_k=top_k, k1=k1, b=b, exclude=exclude)
     return report_from_run(f"BM25 (k1={k1}, b={b})", data, run, seconds=time.time() - start)
 
 

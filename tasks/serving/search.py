@@ -6,11 +6,17 @@ was built from and its content key); see :mod:`tasks.core.index`. Each version h
 so when ``current`` changes the next search builds (once) and uses the new version's index; an
 index whose corpus has changed since is rebuilt too.
 
+A version's card says what it serves (``serving``: ``mode`` dense or hybrid, the hybrid's
+``bm25_weight`` and ``pool``, as `adapt text` measured and recorded them). Hybrid search fuses the
+dense scores with BM25 over the same corpus (:mod:`tasks.core.hybrid`); BM25 is built from the corpus
+when the searcher starts, so hybrid search needs the corpus to be readable.
+
 Python API::
 
     searcher = Searcher("adapt-workspace", "text-retriever")
     searcher.encode(["a query"])            # unit vectors from the current model
-    searcher.search("a query", k=10)        # [Hit(doc_id, score, title, snippet), ...]
+    searcher.search("a query", k=10)        # [Hit(doc_id, score, title, snippet), ...] in the card's mode
+    searcher.search("a query", mode="dense")
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.core.defaults import CATALOG_CLIP_MODEL_NAME, TEXT_MODEL_NAME
+from tasks.core.defaults import CATALOG_CLIP_MODEL_NAME, DEFAULT_BM25_WEIGHT, TEXT_MODEL_NAME
 from tasks.core.index import IMAGE_INDEX_DIR, INDEX_DIR, index_corpus, load_index, save_index
 from tasks.core.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
+
+SEARCH_MODES = ("dense", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,9 @@ class Searcher:
         *,
         corpus: str | Path | None = None,
         version: str | None = None,
+        mode: str | None = None,
     ):
+        """``mode``: dense or hybrid (none: what the version's card says it serves, else dense)."""
         from tasks.core.models import load_sentence_transformer
 
         self.registry = Registry(workspace)
@@ -81,6 +91,12 @@ class Searcher:
             self.model if documents == str(self.model_dir) else load_sentence_transformer(documents)
         )
         self.index_dir = self.model_dir / INDEX_DIR
+        self.serving = dict(self.card.get("serving") or {})
+        self.mode = mode or self.serving.get("mode", "dense")
+        if self.mode not in SEARCH_MODES:
+            raise ValueError(f"search mode must be one of {', '.join(SEARCH_MODES)}, not {self.mode!r}")
+        self._corpus: Any = None
+        self._bm25: Any = None
         self._load(corpus)
 
     def _load(self, corpus_path: str | Path | None) -> None:
@@ -103,6 +119,26 @@ class Searcher:
             log.info("building the search index of %s %s over %s", self.name, self.version, source)
             index_corpus(self.document_model, corpus, self.index_dir)
         self.index, self.docs, self.meta = load_index(self.index_dir)
+        self._corpus, self._source = corpus, source
+
+    @property
+    def bm25_weight(self) -> float:
+        return float(self.serving.get("bm25_weight", DEFAULT_BM25_WEIGHT))
+
+    def _lexical(self) -> Any:
+        """BM25 over the indexed corpus, in index order (built on first hybrid search)."""
+        from tasks.core.bm25 import BM25Index
+
+        if self._bm25 is None:
+            if self._corpus is None:
+                raise RegistryError(
+                    f"hybrid search needs the corpus for BM25, and {self._source} is not there; "
+                    "pass the corpus, or search with mode dense"
+                )
+            texts = dict(zip(self._corpus.ids, self._corpus.texts(), strict=True))
+            self._bm25 = BM25Index([texts[d["doc_id"]] for d in self.docs])
+            self._vectors = self.index.reconstruct_n(0, self.index.ntotal)
+        return self._bm25
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length query embeddings under the current model."""
@@ -119,15 +155,30 @@ class Searcher:
         self.document_model.max_seq_length = self.meta.get("max_seq_length", 256)
         return encode_texts(self.document_model, list(texts), batch_size=64, show_progress=False)
 
-    def search(self, query: str, k: int = 10) -> list[Hit]:
-        """The k documents closest to the query, best first."""
+    def search(self, query: str, k: int = 10, *, mode: str | None = None) -> list[Hit]:
+        """The k best documents for the query, best first: by cosine (dense) or by the fused score
+        (hybrid); ``mode`` defaults to the searcher's."""
         if not query.strip():
             raise ValueError("the query is empty")
-        scores, positions = self.index.search(self.encode([query]), min(k, self.index.ntotal))
+        mode = mode or self.mode
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"search mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}")
+        k = min(k, self.index.ntotal)
+        vector = self.encode([query])
+        if mode == "dense":
+            scores, positions = self.index.search(vector, k)
+            pairs = [(float(s), int(p)) for s, p in zip(scores[0], positions[0], strict=True) if p >= 0]
+        else:
+            from tasks.core.hybrid import hybrid_rows
+
+            bm25 = self._lexical()
+            dense = vector @ self._vectors.T
+            lexical = bm25.all_scores(bm25.query_ids([query])[0])[None, :]
+            row = hybrid_rows(dense, lexical, self.bm25_weight, int(self.serving.get("pool", 100)))[0]
+            best = np.argpartition(-row, k - 1)[:k]
+            pairs = [(float(row[p]), int(p)) for p in best[np.argsort(-row[best])]]
         return [
-            Hit(self.docs[p]["doc_id"], float(s), self.docs[p]["title"], self.docs[p]["snippet"])
-            for s, p in zip(scores[0], positions[0], strict=True)
-            if p >= 0
+            Hit(self.docs[p]["doc_id"], s, self.docs[p]["title"], self.docs[p]["snippet"]) for s, p in pairs
         ]
 
 

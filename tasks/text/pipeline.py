@@ -23,16 +23,20 @@ from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from tasks.core.bm25 import BM25Index
 from tasks.core.corpus import Corpus
 from tasks.core.embeddings import embed_corpus, load_embeddings
+from tasks.core.heldout import heldout_mask
 from tasks.core.store import StageRef, Store, stage_key
 from tasks.core.timing import Stopwatch
+from tasks.text.fusion import Probes, WeightChoice, choose_weight, make_probes, probe_rows
+from tasks.text.lists import ListConfig, list_stage
 from tasks.text.negatives import MineConfig, mine_stage
 from tasks.text.pseudo_labels import LabelConfig, label_stage, positive_passage
-from tasks.text.queries import OFFLINE, QGenConfig, generate_queries
+from tasks.text.queries import OFFLINE, OfflineGenerator, QGenConfig, generate_queries
 from tasks.text.teachers import CrossEncoderTeacher, OfflineTeacher, source_ranker
 
 log = logging.getLogger(__name__)
@@ -71,10 +75,16 @@ class LabelPipeline:
         watch: Stopwatch,
         progress: Progress = _no_progress,
         encode_stage: str = "encode corpus",
+        query_cache: Any = None,
     ):
         """``settings`` has the stages' sections, as every text flow's config does: ``qgen``
-        (:class:`QGenConfig`), ``mine`` (:class:`MineConfig`) and ``label`` (:class:`LabelConfig`)."""
+        (:class:`QGenConfig`), ``mine`` (:class:`MineConfig`) and ``label`` (:class:`LabelConfig`),
+        and ``heldout_fraction`` (the documents whose queries are never trained on: the probes of the
+        BM25 weight come from them). ``cache`` encodes documents; ``query_cache`` queries (default: the
+        same model; another one when a version adapted only its query side)."""
         self.corpus, self.cache, self.store, self.fingerprint = corpus, cache, store, fingerprint
+        self.query_cache = query_cache or cache
+        self.heldout_fraction: float = settings.heldout_fraction
         self.qgen: QGenConfig = settings.qgen
         self.mine: MineConfig = settings.mine
         self.label: LabelConfig = settings.label
@@ -101,13 +111,69 @@ class LabelPipeline:
         return self.watch.run("bm25 index", len(self.corpus), BM25Index, self.corpus.texts())
 
     @cached_property
+    def probe_doc_ids(self) -> list[str]:
+        """Documents whose title and inverse-cloze queries choose the BM25 weight; a flow never trains
+        on their queries (a salted hash of the id, as :mod:`tasks.core.heldout`, with its own salt)."""
+        mask = heldout_mask(self.corpus.ids, self.heldout_fraction, salt="probe")
+        return [d for d, held in zip(self.corpus.ids, mask, strict=True) if held]
+
+    @cached_property
+    def probes(self) -> Probes:
+        """Title and inverse-cloze queries of the probe documents, for choosing the BM25 weight."""
+        held = set(self.probe_doc_ids)
+        rows = [i for i, d in enumerate(self.corpus.ids) if d in held]
+        generator = OfflineGenerator(QGenConfig(seed=self.qgen.seed), self.corpus)
+        return make_probes(self.corpus, rows, generator, limit=self.label.probe_queries, seed=self.qgen.seed)
+
+    def probe_scores(
+        self, query_cache: Any = None, *, doc_cache: Any = None, doc_vectors: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Dense and BM25 rows of the probes: queries through ``query_cache`` (default the pipeline's),
+        passages through ``doc_cache`` with the corpus rows ``doc_vectors`` (default the pipeline's)."""
+        probes = self.probes
+        queries = (query_cache or self.query_cache).embed(probes.texts, desc="encoding probe queries")
+        positives = (doc_cache or self.cache).embed(probes.positives, desc="encoding probe passages")
+        vectors = self.doc_embeddings[1] if doc_vectors is None else doc_vectors
+        return probe_rows(probes, self.bm25, queries, positives, vectors)
+
+    def choose_bm25_weight(self, query_cache: Any = None, **documents: Any) -> WeightChoice:
+        """The hybrid's BM25 weight for queries encoded by ``query_cache`` (the setting when it is a
+        number, else chosen on the probes; see :mod:`tasks.text.fusion`); ``documents`` as for
+        :meth:`probe_scores`."""
+        if self.label.bm25_weight != "auto":
+            fixed = float(self.label.bm25_weight)
+            return WeightChoice(fixed, fixed, fixed, 0.0, 0)
+        dense, lexical = self.probe_scores(query_cache, **documents)
+        return choose_weight(dense, lexical, self.probes.sources, default=self.label.default_bm25_weight)
+
+    @cached_property
+    def teacher_weight(self) -> WeightChoice:
+        """The offline teacher's BM25 weight (chosen once per corpus and start model)."""
+        with self.watch.stage("choose bm25 weight") as record:
+            choice = self.choose_bm25_weight()
+            record["items"] = choice.probes
+        return choice
+
+    @cached_property
     def offline_teacher(self) -> OfflineTeacher:
         return OfflineTeacher(
             self.bm25,
-            self.cache,
+            self.query_cache,
             self.doc_embeddings[1],
-            bm25_weight=self.label.bm25_weight,
+            bm25_weight=self.teacher_weight.weight,
             pool=self.label.pool,
+            passage_dense=self.cache,
+        )
+
+    def teacher_key(self) -> str:
+        """Names the offline teacher: its settings, the corpus and the models whose embeddings it uses."""
+        models = [_cache_name(self.cache)] + (
+            [_cache_name(self.query_cache)] if self.query_cache is not self.cache else []
+        )
+        return stage_key(
+            "offline-teacher",
+            {"w": self.teacher_weight.weight, "pool": self.label.pool, "catalog": self.corpus.key},
+            models=models,
         )
 
     def queries(self, docs: Corpus | None = None) -> tuple[StageRef, pd.DataFrame]:
@@ -116,14 +182,15 @@ class LabelPipeline:
 
         docs = docs if docs is not None else self.corpus
         generator = [] if self.qgen.generator == OFFLINE else [resolve_model(self.qgen.generator).fingerprint]
+        filtered = bool(self.qgen.consistency_top_k)
         key = stage_key(
             "queries",
             self.qgen.model_dump(mode="json"),
             inputs=[docs.key],
-            models=[self.fingerprint, *generator],
+            models=[self.fingerprint, *generator, *([self.teacher_key()] if filtered else [])],
         )
         rank_of_source = None
-        if self.qgen.consistency_top_k:
+        if filtered:
             rank_of_source = source_ranker(
                 self.offline_teacher, self.doc_embeddings[0], docs.ids, docs.texts()
             )
@@ -146,12 +213,7 @@ class LabelPipeline:
         """The configured teacher and its fingerprint (the offline one is keyed by its settings,
         the corpus and the model whose embeddings it uses)."""
         if self.label.teacher == OFFLINE:
-            fingerprint = stage_key(
-                "offline-teacher",
-                {"w": self.label.bm25_weight, "pool": self.label.pool, "catalog": self.corpus.key},
-                models=[self.fingerprint],
-            )
-            return self.offline_teacher, fingerprint
+            return self.offline_teacher, self.teacher_key()
         teacher = CrossEncoderTeacher(
             self.label.teacher, batch_size=self.label.batch_size, max_length=self.label.max_length
         )
@@ -169,7 +231,7 @@ class LabelPipeline:
             list(train_ids),
             self.corpus,
             self.embeddings_ref,
-            self.cache,
+            self.query_cache,
             self.mine,
             bm25=self.bm25,
             progress=self.progress("mining (parts)"),
@@ -192,6 +254,37 @@ class LabelPipeline:
             record["items"] = len(labels)
         report_reuse("pseudo-labels", labels_ref, began)
         return labels_ref, labels
+
+    def lists(
+        self, queries_ref: StageRef, train_ids: Sequence[str], config: ListConfig
+    ) -> tuple[StageRef, pd.DataFrame]:
+        """Candidate lists for ``train_ids`` scored by the configured teacher (the listwise method's
+        labels): (lists stage, lists table)."""
+        teacher, fingerprint = self.teacher()
+        rescore = None if teacher is self.offline_teacher else teacher.score
+        began = time.time()
+        with self.watch.stage("candidate lists") as record:
+            ref = list_stage(
+                self.store,
+                queries_ref,
+                list(train_ids),
+                self.corpus,
+                self.offline_teacher,
+                fingerprint,
+                config,
+                rescore=rescore,
+                progress=self.progress("candidate lists (parts)"),
+            )
+            table = self.store.read_pandas("lists", ref.key)
+            record["items"] = len(table)
+        report_reuse("candidate lists", ref, began)
+        return ref, table
+
+
+def _cache_name(cache: Any) -> str:
+    """An embedding cache's name: its model, length and encoder (PyTorch or ONNX) when it has a folder."""
+    folder = getattr(cache, "folder", None)
+    return folder.name if folder is not None else cache.fingerprint
 
 
 def training_table(labels: pd.DataFrame, queries: pd.DataFrame, corpus: Corpus) -> pd.DataFrame:

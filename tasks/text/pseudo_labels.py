@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.core.defaults import DEFAULT_BM25_WEIGHT
 from tasks.text.teachers import OFFLINE
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,21 @@ class LabelConfig(BaseModel):
         description="'offline' (BM25 + dense hybrid, no model), or a cross-encoder: "
         "directory, bundled name or hub id",
     )
-    bm25_weight: float = Field(
-        0.5,
+    bm25_weight: float | Literal["auto"] = Field(
+        "auto",
+        description="offline teacher and hybrid search: weight of BM25 against the dense score (both "
+        "z-scored per query); auto: chosen per corpus on probe queries of held-out documents",
+    )
+    default_bm25_weight: float = Field(
+        DEFAULT_BM25_WEIGHT,
         ge=0,
         le=1,
-        description="offline teacher: weight of BM25 against the dense score (both z-scored per query)",
+        description="the BM25 weight auto starts from and keeps when the probes show no clear better one",
+    )
+    probe_queries: int = Field(
+        500,
+        ge=10,
+        description="auto: most probe queries (title and inverse-cloze queries of held-out documents)",
     )
     pool: int = Field(
         100,
@@ -54,6 +65,14 @@ class LabelConfig(BaseModel):
         description="offline teacher: candidates per retriever whose scores set the per-query normalisation",
     )
     batch_size: int = Field(32, ge=1, description="cross-encoder batch size")
+
+    @field_validator("bm25_weight")
+    @classmethod
+    def _weight_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 <= float(value) <= 1.0:
+            raise ValueError("the BM25 weight is a number from 0 to 1, or auto")
+        return value
+
     max_length: int = Field(350, ge=16, description="cross-encoder: tokens per (query, passage) pair")
     part_size: int = Field(2048, ge=1, description="queries per stored part (the unit of crash recovery)")
 

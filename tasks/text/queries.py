@@ -71,6 +71,13 @@ class QGenConfig(BaseModel):
         le=50,
         description="offline: inverse-cloze sentences taken per document (each positive is a new passage to encode, so this sets the cost)",
     )
+    word_window: int = Field(
+        12,
+        ge=0,
+        le=200,
+        description="offline: a text with no sentence ends (lower case, no punctuation) is cut into "
+        "spans of this many words for inverse-cloze queries (0: such texts get none)",
+    )
     keep_sentence_probability: float = Field(
         0.0, ge=0, le=1, description="offline: chance an inverse-cloze sentence stays in its positive passage"
     )
@@ -100,6 +107,16 @@ _WORD = re.compile(r"(?u)\b\w[\w\-]*\w\b|\b\w\b")
 def split_sentences(text: str) -> list[str]:
     """Sentences of a passage (a period, ! or ? followed by a capital, digit or bracket)."""
     return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+
+
+def word_spans(text: str, size: int) -> list[str]:
+    """Consecutive spans of ``size`` words (a short last span joins the one before it): the
+    "sentences" of a text that has no sentence ends."""
+    words = text.split()
+    spans = [words[i : i + size] for i in range(0, len(words), size)]
+    if len(spans) > 1 and len(spans[-1]) < size // 2:
+        spans[-2].extend(spans.pop())
+    return [" ".join(span) for span in spans]
 
 
 @dataclass(frozen=True)
@@ -144,6 +161,8 @@ class OfflineGenerator:
         if title and config.min_words <= len(title.split()) <= config.max_words:
             drafts.append(DraftQuery(title, "title", text))
         sentences = split_sentences(text)
+        if len(sentences) < 2 and config.word_window:
+            sentences = word_spans(text, config.word_window)
         usable = [
             i for i, s in enumerate(sentences) if config.min_words <= len(s.split()) <= config.max_words
         ]

@@ -30,21 +30,28 @@ def adaptation_report(
     manifest: dict[str, Any],
     eval_data: Any,
     eval_note: str,
-    before: Any,
-    after: Any,
+    evaluation: dict[str, tuple[Any, Any]],
+    mode: str,
+    weights: dict[str, Any],
+    identical: int,
     result: Any,
+    method: str,
     version: str,
     decision: Any,
     stages: dict[str, Any],
     total_seconds: float,
 ) -> dict[str, Any]:
-    """The summary dict (also saved as ``reports/adapt-text-<time>.json``) with its ``markdown``."""
+    """The summary dict (also saved as ``reports/adapt-text-<time>.json``) with its ``markdown``.
+
+    ``evaluation`` is {"dense": (before, after), "hybrid": (before, after)}; ``mode`` the one served
+    and gated; ``weights`` the BM25 weight choices (``teacher``, ``after``: WeightChoice; ``before``:
+    the number the "before" hybrid used); ``identical`` how many queries had their own id left out."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     reports = Path(workspace) / "reports"
     plot = plot_series(
         result.loss_series(),
         reports / f"adapt-text-{stamp}-loss.png",
-        title="MarginMSE loss",
+        title=f"{'listwise KL' if method == 'listwise' else 'MarginMSE'} loss",
         xlabel="step",
         ylabel="loss",
     )
@@ -52,18 +59,42 @@ def adaptation_report(
         d: (t or x[:80])
         for d, t, x in zip(corpus.docs["doc_id"], corpus.docs["title"], corpus.docs["text"], strict=True)
     }
+    (before, after), (hybrid_before, hybrid_after) = evaluation["dense"], evaluation["hybrid"]
+    served_before, served_after = evaluation[mode]
     query_texts = dict(zip(eval_data.queries["query_id"], eval_data.queries["text"], strict=True))
-    examples = example_matches(before, after, query_texts, titles, eval_data.qrels, n=6, k=3)
+    examples = example_matches(served_before, served_after, query_texts, titles, eval_data.qrels, n=6, k=3)
+    dropped = getattr(eval_data, "dropped_judgments", 0)
+    data_notes = [
+        f"{len(corpus.skipped)} document(s) left out of the corpus (empty)" if corpus.skipped else "",
+        f"{dropped} judgment(s) naming a left-out document not evaluated" if dropped else "",
+        f"{identical} quer{'y' if identical == 1 else 'ies'} share an id with a document: that document is "
+        "never counted as retrieved for it (as BEIR's ignore_identical_ids)"
+        if identical
+        else "",
+    ]
+    data_notes = [n for n in data_notes if n]
     summary: dict[str, Any] = {
         "ndcg@10_before": before.primary,
         "ndcg@10_after": after.primary,
+        "hybrid_ndcg@10_before": hybrid_before.primary,
+        "hybrid_ndcg@10_after": hybrid_after.primary,
+        "serve_mode": mode,
         "promoted": decision.promoted,
         "decision": decision.reason,
         "model": model_name,
         "version": version,
+        "method": method,
         "eval_set": eval_note,
         "metrics_before": before.metrics,
         "metrics_after": after.metrics,
+        "metrics_before_hybrid": hybrid_before.metrics,
+        "metrics_after_hybrid": hybrid_after.metrics,
+        "bm25_weight_teacher": weights["teacher"].to_dict(),
+        "bm25_weight_after": weights["after"].to_dict(),
+        "bm25_weight_before": weights["before"],
+        "identical_id_queries": identical,
+        "left_out_documents": len(corpus.skipped),
+        "dropped_judgments": dropped,
         "queries_generated": manifest.get("generated"),
         "queries_kept": len(queries),
         "train": {
@@ -85,14 +116,20 @@ def adaptation_report(
     summary["markdown"] = "\n\n".join(
         [
             f"# Adaptation of {md(model_name)}: {version} {'promoted' if decision.promoted else 'not promoted'}",
-            f"**Decision**: {md(decision.reason)}",
-            f"**Evaluation set**: {md(eval_note)}",
+            f"**Decision** ({md(mode)} retrieval, the one served): {md(decision.reason)}",
+            f"**Evaluation set**: {md(eval_note)}" + "".join(f"; {md(n)}" for n in data_notes),
+            "## Dense",
             before_after_markdown(before, after),
-            "## Example matches (top 3, before | after; ✅ relevant)",
+            "## Hybrid (dense + BM25)",
+            before_after_markdown(hybrid_before, hybrid_after),
+            f"BM25 weight: teacher {md(weights['teacher'].describe())}; after training "
+            f"{md(weights['after'].describe())}; before: {weights['before']:g}.",
+            f"## Example matches ({md(mode)}, top 3, before | after; ✅ relevant)",
             examples_markdown(examples),
             "## Stages",
             timings_markdown(stages),
-            f"Training: {result.steps} steps in {result.seconds:.0f} s; loss curve: {md_code(plot)}; report: {md_code(path)}",
+            f"Training ({md(method)}): {result.steps} steps in {result.seconds:.0f} s; loss curve: "
+            f"{md_code(plot)}; report: {md_code(path)}",
         ]
     )
     return summary

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core.hybrid import fuse, pool_stats
+
 log = logging.getLogger(__name__)
 
 
@@ -34,16 +36,25 @@ class OfflineTeacher:
     """Hybrid BM25 + dense teacher with per-query z-score normalisation (see module docstring).
 
     ``bm25`` is a tasks.core.bm25.BM25Index of the corpus, ``dense`` anything with ``embed(texts)``
-    returning unit vectors (an EmbeddingCache of the bi-encoder), ``doc_embeddings`` the corpus rows.
+    returning unit vectors (an EmbeddingCache of the bi-encoder), ``doc_embeddings`` the corpus rows;
+    ``passage_dense`` encodes passages when the document side is another model (default: ``dense``).
     """
 
     name = OFFLINE
 
     def __init__(
-        self, bm25: Any, dense: Any, doc_embeddings: np.ndarray, *, bm25_weight: float = 0.5, pool: int = 100
+        self,
+        bm25: Any,
+        dense: Any,
+        doc_embeddings: np.ndarray,
+        *,
+        bm25_weight: float = 0.5,
+        pool: int = 100,
+        passage_dense: Any = None,
     ):
         self.bm25 = bm25
         self.dense = dense
+        self.passage_dense = passage_dense or dense
         self.doc_embeddings = doc_embeddings
         self.weight = bm25_weight
         self.pool = pool
@@ -56,24 +67,13 @@ class OfflineTeacher:
         n_docs = len(self.doc_embeddings)
         bm25_rows = np.empty((len(queries), n_docs), dtype=np.float32)
         dense_rows = np.asarray(embeddings @ self.doc_embeddings.T, dtype=np.float32)
-        k = min(self.pool, n_docs - 1)
-        for i, (query, ids) in enumerate(zip(queries, token_ids, strict=True)):
+        for i, ids in enumerate(token_ids):
             bm25_rows[i] = self.bm25.all_scores(ids)
-            key = _digest(query)
-            if key not in self._stats:
-                if k > 0:
-                    pool = np.union1d(
-                        np.argpartition(-dense_rows[i], k)[:k], np.argpartition(-bm25_rows[i], k)[:k]
-                    )
-                else:
-                    pool = np.arange(n_docs)
-                b, d = bm25_rows[i, pool], dense_rows[i, pool]
-                self._stats[key] = (
-                    float(b.mean()),
-                    float(b.std()) + 1e-6,
-                    float(d.mean()),
-                    float(d.std()) + 1e-6,
-                )
+        fresh = [i for i, q in enumerate(queries) if _digest(q) not in self._stats]
+        if fresh:
+            stats = pool_stats(dense_rows[fresh], bm25_rows[fresh], self.pool)
+            for i, row in zip(fresh, stats, strict=True):
+                self._stats[_digest(queries[i])] = tuple(float(v) for v in row)
         return bm25_rows, dense_rows
 
     def query_stats(self, queries: Sequence[str]) -> np.ndarray:
@@ -87,7 +87,9 @@ class OfflineTeacher:
         """Hybrid scores of aligned (query, passage) pairs; passages need not be corpus documents."""
         stats = self.query_stats(queries)
         bm25 = self.bm25.score_pairs(queries, passages).astype(np.float64)
-        dense = np.einsum("ij,ij->i", self.dense.embed(list(queries)), self.dense.embed(list(passages)))
+        dense = np.einsum(
+            "ij,ij->i", self.dense.embed(list(queries)), self.passage_dense.embed(list(passages))
+        )
         z_bm25 = (bm25 - stats[:, 0]) / stats[:, 1]
         z_dense = (dense.astype(np.float64) - stats[:, 2]) / stats[:, 3]
         return (self.weight * z_bm25 + (1 - self.weight) * z_dense).astype(np.float32)
@@ -95,10 +97,7 @@ class OfflineTeacher:
     def rank_rows(self, queries: Sequence[str]) -> np.ndarray:
         """Hybrid scores of each query against every corpus document (one row per query)."""
         bm25_rows, dense_rows = self._raw_rows(queries)
-        stats = self.query_stats(queries).astype(np.float32)
-        z_bm25 = (bm25_rows - stats[:, :1]) / stats[:, 1:2]
-        z_dense = (dense_rows - stats[:, 2:3]) / stats[:, 3:4]
-        return self.weight * z_bm25 + (1 - self.weight) * z_dense
+        return fuse(dense_rows, bm25_rows, self.weight, self.query_stats(queries))
 
 
 def source_ranker(

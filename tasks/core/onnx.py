@@ -1,4 +1,5 @@
-"""Export a sentence-transformers model to ONNX (optionally int8), with a parity and speed check.
+"""ONNX Runtime for sentence-transformers models: export (optionally int8) with a parity and speed
+check, and a fast encoder for the passes that need no gradients.
 
 Why by hand: sentence-transformers' ONNX backend needs optimum-onnx, whose releases require
 transformers < 5, and this project runs transformers 5. So the model is exported with
@@ -8,6 +9,10 @@ onnxruntime. What is written by hand is only the wrapper that gives the pipeline
 
 Output folder: ``model.onnx`` (and ``model-int8.onnx``), the tokenizer files, ``export.json``
 (parity: cosine of each variant's embeddings with PyTorch's on sample texts; sizes; encode speed).
+
+:func:`fast_encode` gives an ``encode(texts)`` for :class:`tasks.core.embeddings.EmbeddingCache`:
+the model exported once per workspace (and checked for parity), texts batched by length so a batch
+pads to its own longest text.
 """
 
 from __future__ import annotations
@@ -75,25 +80,36 @@ class OnnxEncoder:
         )
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        out = []
+        """Embeddings in the order of ``texts``; batches are formed longest first, so each pads only
+        to texts of about its own length (what sentence-transformers' encode does too)."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        lengths = [
+            len(ids)
+            for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        ]
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        out: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
         for start in range(0, len(texts), batch_size):
+            chosen = order[start : start + batch_size]
             batch = self.tokenizer(
-                list(texts[start : start + batch_size]),
+                [texts[i] for i in chosen],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="np",
             )
-            out.append(
-                self.session.run(
-                    None,
-                    {
-                        "input_ids": batch["input_ids"].astype(np.int64),
-                        "attention_mask": batch["attention_mask"].astype(np.int64),
-                    },
-                )[0]
-            )
-        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+            vectors = self.session.run(
+                None,
+                {
+                    "input_ids": batch["input_ids"].astype(np.int64),
+                    "attention_mask": batch["attention_mask"].astype(np.int64),
+                },
+            )[0]
+            for i, vector in zip(chosen, vectors, strict=True):
+                out[i] = vector
+        return np.stack(out)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -202,3 +218,30 @@ def export_onnx(
     shutil.rmtree(output, ignore_errors=True)
     staging.rename(output)
     return summary
+
+
+ENCODE_BACKENDS = ("pytorch", "onnx", "onnx-int8")
+
+
+def fast_encode(
+    model_dir: str | Path, fingerprint: str, workspace: str | Path, *, backend: str, max_seq_length: int
+):
+    """``encode(texts) -> unit rows`` through ONNX Runtime (``backend`` onnx or onnx-int8), exported
+    once into ``<workspace>/cache/onnx/<fingerprint>/``; None when the backend is pytorch. An export
+    whose parity check fails raises (nothing is cached), so a model ONNX cannot express is refused."""
+    if backend == "pytorch":
+        return None
+    if backend not in ENCODE_BACKENDS:
+        raise ValueError(f"encode backend must be one of {', '.join(ENCODE_BACKENDS)}, not {backend!r}")
+    folder = Path(workspace) / "cache" / "onnx" / fingerprint
+    file = "model-int8.onnx" if backend == "onnx-int8" else "model.onnx"
+    if not (folder / file).is_file():
+        export_onnx(model_dir, folder, int8=True)
+    encoder = OnnxEncoder(folder, file, max_length=max_seq_length)
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        vectors = encoder.encode(list(texts), batch_size=32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    return encode

@@ -1,0 +1,131 @@
+"""Candidate lists: per training query, the documents the listwise student learns to order.
+
+Each query's list is the offline teacher's top ``top`` documents of the whole corpus plus
+``sampled`` documents drawn uniformly from the rest (meant to teach that the tail belongs below the
+head; on SciFact's train claims 32 of them did not keep Recall@100, see benchmarks/README.md, so the
+default is none), each with the teacher's score.
+With a cross-encoder teacher the same candidates are chosen by the offline ranking and scored by the
+cross-encoder. The stage writes ``query_id, doc_ids, scores`` in parts, so a crash resumes at the
+last finished part and a rerun with the same inputs does no work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.core.corpus import Corpus
+from tasks.core.store import StageRef, Store, chunked, stage_key
+
+log = logging.getLogger(__name__)
+
+LISTS_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("doc_ids", pa.list_(pa.string())),
+        ("scores", pa.list_(pa.float32())),
+    ]
+)
+
+
+class ListConfig(BaseModel):
+    """Candidate-list settings of the listwise training method."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    top: int = Field(32, ge=2, le=1000, description="the teacher's best documents in each query's list")
+    sampled: int = Field(
+        0, ge=0, le=1000, description="documents drawn at random from the rest of the corpus into each list"
+    )
+    include_source: bool = Field(
+        True,
+        description="keep the document a query was generated from in its list (off: the list teaches "
+        "only how the other documents rank, not the verbatim match with its source)",
+    )
+    part_size: int = Field(2048, ge=1, description="queries per stored part (the unit of crash recovery)")
+    seed: int = Field(13, description="random seed for the sampled documents")
+
+
+def choose_candidates(
+    rows: np.ndarray, top: int, sampled: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, scores) per row: its ``top`` best columns, best first, then ``sampled`` random others;
+    a column scored -inf is never chosen."""
+    width = top + sampled
+    positions = np.empty((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        allowed = np.flatnonzero(np.isfinite(row))  # -inf: a document left out of this list
+        k = min(top, len(allowed))
+        best = allowed[np.argpartition(-row[allowed], k - 1)[:k]]
+        best = best[np.argsort(-row[best], kind="stable")]
+        rest = np.setdiff1d(allowed, best, assume_unique=True)
+        extra = rng.choice(rest, size=min(sampled, len(rest)), replace=False) if sampled else rest[:0]
+        positions[i] = np.resize(np.concatenate([best, extra]), width)  # a tiny corpus repeats
+    return positions, np.take_along_axis(rows, positions, axis=1)
+
+
+def list_stage(
+    store: Store,
+    queries_ref: StageRef,
+    query_ids: Sequence[str],
+    corpus: Corpus,
+    ranker: Any,
+    fingerprint: str,
+    config: ListConfig,
+    *,
+    rescore: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> StageRef:
+    """Candidate lists for ``query_ids`` (a subset of a queries stage).
+
+    ``ranker.rank_rows(texts)`` scores texts against every corpus document (the offline teacher, in
+    corpus order); ``rescore(queries, passages)`` re-scores the chosen pairs (a cross-encoder), else
+    the ranker's scores are the labels. ``fingerprint`` names the teacher (it keys the stage).
+    """
+    import hashlib
+
+    selection = hashlib.sha256("\n".join(query_ids).encode()).hexdigest()[:16]
+    settings = {**config.model_dump(mode="json"), "selection": selection}
+    key = stage_key("lists", settings, inputs=[queries_ref.key, corpus.key], models=[fingerprint])
+    if store.is_complete("lists", key):
+        return store.ref("lists", key)
+    queries = (
+        store.read_pandas("queries", queries_ref.key).set_index("query_id").loc[list(query_ids)].reset_index()
+    )
+    doc_ids, texts = corpus.ids, corpus.texts()
+    row_of = {d: i for i, d in enumerate(doc_ids)}
+    writer = store.open(
+        "lists", key, config=settings, inputs=[queries_ref.key, corpus.key], models=[fingerprint]
+    )
+    parts = list(chunked(range(len(queries)), config.part_size))
+    for part, members in parts:
+        if not writer.has_part(part):
+            block = queries.iloc[list(members)]
+            rng = np.random.default_rng([config.seed, part])
+            rows = np.array(ranker.rank_rows(block["text"].tolist()), dtype=np.float32)
+            if not config.include_source:
+                rows[np.arange(len(rows)), [row_of[d] for d in block["doc_id"]]] = -np.inf
+            positions, scores = choose_candidates(rows, config.top, config.sampled, rng)
+            if rescore is not None:
+                pairs_q = [q for q in block["text"] for _ in range(positions.shape[1])]
+                pairs_p = [texts[p] for p in positions.reshape(-1)]
+                scores = np.asarray(rescore(pairs_q, pairs_p), dtype=np.float32).reshape(positions.shape)
+            writer.write_part(
+                part,
+                pa.Table.from_pydict(
+                    {
+                        "query_id": block["query_id"].tolist(),
+                        "doc_ids": [[doc_ids[p] for p in row] for row in positions],
+                        "scores": [row.tolist() for row in scores],
+                    },
+                    schema=LISTS_SCHEMA,
+                ),
+            )
+        if progress:
+            progress(part + 1, len(parts))
+    return writer.commit(empty_schema=LISTS_SCHEMA, queries=len(queries), width=config.top + config.sampled)
