@@ -91,7 +91,7 @@ class AdaptTextConfig(BaseModel):
     )
     eval_max_seq_length: int = Field(256, ge=8, le=8192, description="tokens per passage when evaluating")
     encode_backend: Literal["pytorch", "onnx", "onnx-int8"] = Field(
-        "onnx",
+        "pytorch",
         description="how the start model encodes without gradients (corpus, teacher queries, probes, "
         "the before evaluation): PyTorch, or ONNX Runtime in fp32 or int8 (exported once per "
         "workspace, refused if its embeddings drift from PyTorch's)",
