@@ -78,7 +78,7 @@ def main() -> None:
             sources.append(draft.source)
     qgen_tag = hashlib.sha1(qgen.model_dump_json().encode()).hexdigest()[:8]
     dev_texts, dev_ids = dev.queries["text"].tolist(), dev.queries["query_id"].tolist()
-    dev_bm25 = np.stack([bm25.all_scores(ids) for ids in bm25.query_ids(dev_texts)])
+    dev_bm25 = bm25.score_rows(dev_texts)
     exclude = identical_ids(dev)
 
     def evaluate(query_vectors):

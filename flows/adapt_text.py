@@ -249,12 +249,13 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
 
     # --- 5. evaluate before/after (dense and hybrid), register and gate
     length = config.eval_max_seq_length
-    before_docs = cache if length == cache.max_seq_length else cache_of(doc_encoder, documents, length)
-    before_queries = (
-        before_docs
-        if query_cache is cache
-        else (query_cache if length == query_cache.max_seq_length else cache_of(encoder, start, length))
-    )
+
+    def at_length(existing: EmbeddingCache, model: Any, resolved: Any, tokens: int, **backend: str):
+        """``existing`` when it already encodes at ``tokens``, else a cache of the same model that does."""
+        return existing if existing.max_seq_length == tokens else cache_of(model, resolved, tokens, **backend)
+
+    before_docs = at_length(cache, doc_encoder, documents, length)
+    before_queries = before_docs if query_cache is cache else at_length(query_cache, encoder, start, length)
     trained = load_sentence_transformer(str(result.model_dir))
     trained_model = resolve_model(str(result.model_dir))
     after_queries = cache_of(trained, trained_model, length, "pytorch")  # few texts: no export
@@ -265,7 +266,9 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
     with watch.stage("choose bm25 weight after") as record:
         weight_after = (
             pipeline.choose_bm25_weight(
-                cache_of(trained, trained_model, config.mine.max_seq_length, "pytorch")
+                at_length(
+                    after_queries, trained, trained_model, config.mine.max_seq_length, backend="pytorch"
+                )
             )
             if config.method == "listwise"
             else pipeline.choose_bm25_weight(

@@ -59,6 +59,13 @@ class BM25Index:
             return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self.retriever.get_scores(list(query_ids)), dtype=np.float32)
 
+    def score_rows(self, texts: Sequence[str]) -> np.ndarray:
+        """BM25 of each text (a query) against every indexed document: shape (len(texts), documents)."""
+        rows = np.zeros((len(texts), self.size), dtype=np.float32)
+        for i, ids in enumerate(self.query_ids(texts) if len(texts) else []):
+            rows[i] = self.all_scores(ids)
+        return rows
+
     def score_pairs(self, queries: Sequence[str], texts: Sequence[str]) -> np.ndarray:
         """BM25 of (query, text) pairs under this corpus's statistics, for texts that need not be indexed.
 

@@ -87,11 +87,10 @@ def hybrid_run(
     """Hybrid top ``top_k`` of each query over every document (``bm25`` indexes the same documents in
     the same order), a block of queries at a time so memory stays ``block`` x documents."""
     run: Run = {}
-    token_ids = bm25.query_ids(list(query_texts))
     for start in range(0, len(query_ids), block):
         stop = start + block
         dense = np.asarray(query_vectors[start:stop] @ doc_vectors.T, dtype=np.float32)
-        lexical = np.stack([bm25.all_scores(ids) for ids in token_ids[start:stop]])
+        lexical = bm25.score_rows(list(query_texts[start:stop]))
         rows = hybrid_rows(dense, lexical, weight, pool)
         run.update(run_from_rows(rows, doc_ids, query_ids[start:stop], top_k=top_k, exclude=exclude))
     return run

@@ -73,6 +73,11 @@ def stage_key(
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
 
 
+def selection_digest(ids: Sequence[str]) -> str:
+    """A short digest of an ordered selection of ids (which queries a stage ran on), for its key."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through ``write(tmp_path)`` then rename onto ``path``: readers never see half a file.
 

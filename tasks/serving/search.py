@@ -173,7 +173,7 @@ class Searcher:
 
             bm25 = self._lexical()
             dense = vector @ self._vectors.T
-            lexical = bm25.all_scores(bm25.query_ids([query])[0])[None, :]
+            lexical = bm25.score_rows([query])
             row = hybrid_rows(dense, lexical, self.bm25_weight, int(self.serving.get("pool", 100)))[0]
             best = np.argpartition(-row, k - 1)[:k]
             pairs = [(float(row[p]), int(p)) for p in best[np.argsort(-row[best])]]

@@ -99,18 +99,24 @@ def probe_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dense and BM25 scores of each probe against every document, its source replaced by its positive."""
     dense = np.asarray(query_vectors @ doc_vectors.T, dtype=np.float32)
-    token_ids = bm25.query_ids(probes.texts)
-    lexical = np.stack([bm25.all_scores(ids) for ids in token_ids]) if len(probes) else dense * 0
+    lexical = bm25.score_rows(probes.texts)
     own = np.arange(len(probes)), np.asarray(probes.sources, dtype=np.int64)
     dense[own] = np.einsum("ij,ij->i", query_vectors, positive_vectors)
     lexical[own] = bm25.score_pairs(probes.texts, probes.positives)
     return dense, lexical
 
 
-def probe_ndcg(dense: np.ndarray, lexical: np.ndarray, sources: Sequence[int], weight: float) -> np.ndarray:
+def probe_ndcg(
+    dense: np.ndarray,
+    lexical: np.ndarray,
+    sources: Sequence[int],
+    weight: float,
+    stats: np.ndarray | None = None,
+) -> np.ndarray:
     """Each probe's nDCG over the whole ranking (one relevant document: 1 / log2(rank + 2)); no cut-off,
-    so a probe whose source ranks 11th still tells one weight from another (less noise than @10)."""
-    fused = fuse(dense, lexical, weight, pool_stats(dense, lexical))
+    so a probe whose source ranks 11th still tells one weight from another (less noise than @10).
+    ``stats``: the rows' :func:`pool_stats`, which do not depend on the weight (computed when not given)."""
+    fused = fuse(dense, lexical, weight, pool_stats(dense, lexical) if stats is None else stats)
     idx = np.arange(len(fused))
     own = fused[idx, np.asarray(sources)]
     rank = (fused > own[:, None]).sum(axis=1)
@@ -129,7 +135,8 @@ def choose_weight(
     if len(sources) == 0:
         return WeightChoice(default, default, default, 0.0, 0)
     grid = sorted(set(grid) | {default})
-    gains = {w: probe_ndcg(dense, lexical, sources, w) for w in grid}
+    stats = pool_stats(dense, lexical)  # once: the pools are the same for every weight
+    gains = {w: probe_ndcg(dense, lexical, sources, w, stats) for w in grid}
     best = max(grid, key=lambda w: (round(float(gains[w].mean()), 6), -abs(w - default)))
     diff = gains[best] - gains[default]
     spread = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0

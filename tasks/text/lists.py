@@ -20,7 +20,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.corpus import Corpus
-from tasks.core.store import StageRef, Store, chunked, stage_key
+from tasks.core.store import StageRef, Store, chunked, selection_digest, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def list_stage(
     corpus order); ``rescore(queries, passages)`` re-scores the chosen pairs (a cross-encoder), else
     the ranker's scores are the labels. ``fingerprint`` names the teacher (it keys the stage).
     """
-    import hashlib
-
-    selection = hashlib.sha256("\n".join(query_ids).encode()).hexdigest()[:16]
+    selection = selection_digest(query_ids)
     settings = {**config.model_dump(mode="json"), "selection": selection}
     key = stage_key("lists", settings, inputs=[queries_ref.key, corpus.key], models=[fingerprint])
     if store.is_complete("lists", key):

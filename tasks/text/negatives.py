@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.core.corpus import Corpus
 from tasks.core.embeddings import load_embeddings
 from tasks.core.index import ann_index
-from tasks.core.store import StageRef, Store, chunked, stage_key
+from tasks.core.store import StageRef, Store, chunked, selection_digest, stage_key
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,7 @@ def mine_stage(
     progress: Callable[[int, int], None] | None = None,
 ) -> StageRef:
     """Negatives for the given queries (a subset of a queries stage), stored in resumable parts."""
-    import hashlib
-
-    selection = hashlib.sha256("\n".join(query_ids).encode()).hexdigest()[:16]
+    selection = selection_digest(query_ids)
     key = stage_key(
         "negatives",
         {**config.model_dump(mode="json"), "selection": selection},

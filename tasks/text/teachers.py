@@ -63,12 +63,8 @@ class OfflineTeacher:
     def _raw_rows(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """BM25 and cosine scores of each query against every corpus document; records the z-score stats."""
         embeddings = self.dense.embed(list(queries))
-        token_ids = self.bm25.query_ids(queries)
-        n_docs = len(self.doc_embeddings)
-        bm25_rows = np.empty((len(queries), n_docs), dtype=np.float32)
+        bm25_rows = self.bm25.score_rows(queries)
         dense_rows = np.asarray(embeddings @ self.doc_embeddings.T, dtype=np.float32)
-        for i, ids in enumerate(token_ids):
-            bm25_rows[i] = self.bm25.all_scores(ids)
         fresh = [i for i, q in enumerate(queries) if _digest(q) not in self._stats]
         if fresh:
             stats = pool_stats(dense_rows[fresh], bm25_rows[fresh], self.pool)
