@@ -10,7 +10,7 @@ import pytest
 from finetune.listwise import CandidateLists, ListwiseConfig, listwise_loss, train_listwise
 from tasks.core.corpus import read_corpus
 from tasks.core.hybrid import hybrid_rows, pool_stats, run_from_rows
-from tasks.text.fusion import Probes, choose_weight, make_probes, probe_ndcg, probe_rows
+from tasks.text.fusion import choose_weight, make_probes, probe_ndcg, probe_rows
 from tasks.text.lists import choose_candidates
 from tasks.text.queries import OfflineGenerator, QGenConfig, word_spans
 
@@ -264,7 +264,6 @@ def test_probes_score_the_positive_in_place_of_the_source(small_corpus, fixed_do
     rows = np.arange(len(probes)), np.asarray(probes.sources)
     assert np.allclose(dense[rows], 0.0)  # q . positive, not q . document
     assert np.allclose(lexical[rows], bm25.score_pairs(probes.texts, probes.positives))
-    assert isinstance(Probes([], [], []), Probes)
 
 
 def test_text_without_sentence_ends_gets_word_span_queries():
