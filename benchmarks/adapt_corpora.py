@@ -9,7 +9,8 @@ its own scratch workspace, emptied first so every stage runs from scratch.
 Writes benchmarks/results/adapt_corpora.json as {"corpora": {name: {...}}}: per corpus
 `ndcg@10_before`, `ndcg@10_after` (dense), `hybrid_ndcg@10_before`, `hybrid_ndcg@10_after`,
 `bm25_ndcg@10`, `recall@100_before`, `recall@100_after`, `total_seconds`, per-stage seconds and
-throughput, training queries per second, and the targets' pass/fail.
+throughput, training queries per second, and the targets' pass/fail. The SciFact corpus's result
+is also written to benchmarks/results/adapt_scifact.json (see ``--scifact-output``).
 """
 
 from __future__ import annotations
@@ -210,6 +211,13 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/adapt-corpora-benchmark"))
     parser.add_argument("--resume", action="store_true", help="keep finished stages (debugging only)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "adapt_corpora.json")
+    parser.add_argument(
+        "--scifact-output",
+        type=lambda value: Path(value) if value else None,
+        default=ROOT / "benchmarks" / "results" / "adapt_scifact.json",
+        help="the SciFact run is also adapt_scifact.py's run (the same defaults, data and split): write "
+        "its result there too, with that benchmark's targets (an empty value turns this off)",
+    )
     args = parser.parse_args()
 
     from tasks.core.store import write_json_atomic
@@ -223,6 +231,10 @@ def main() -> None:
             args.output,
             {"corpora": results, "machine": {"cpus": 2, "python": platform.python_version()}},
         )
+        if folder.name == "scifact" and args.scifact_output:
+            from benchmarks.adapt_scifact import scifact_result
+
+            write_json_atomic(args.scifact_output, scifact_result(results[folder.name]))
     print_table(results)
     print(f"-> {args.output}")
 

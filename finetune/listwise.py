@@ -60,7 +60,11 @@ class ListwiseConfig(BaseModel):
         "schedule is planned to end there",
     )
     batch_size: int = Field(32, ge=1, description="queries per optimizer step")
-    learning_rate: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
+    learning_rate: float = Field(
+        2e-4,
+        gt=0,
+        description="peak learning rate (AdamW); 2e-4 beat 1e-4 and 5e-5 on SciFact's train claims",
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warm-up")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     max_seq_length: int = Field(64, ge=8, le=8192, description="tokens kept per query in training")
