@@ -199,7 +199,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             f"{r['total_seconds'] / 60:.1f}",
             r["serve_mode"],
         )
-    Console().print(table)
+    Console(width=200).print(table)  # a log file has no terminal width; keep every column whole
 
 
 def main() -> None:
