@@ -7,7 +7,7 @@ BM25 weights 0.2-0.5, each with the trained weights as they are and averaged wit
 model's (WiSE-FT). Never pass SciFact's test split: the defaults are chosen on these numbers.
 
 Each run is one JSON object: ``{"teacher_bm25_weight": 0.3, "top": 32, "sampled": 0,
-"types": ["title", "ict"], "wise": [0.0, 0.5], ...ListwiseConfig fields...}``; ``--qgen`` takes
+"types": ["title", "ict"], "include_source": true, "wise": [0.0, 0.5], ...ListwiseConfig fields...}``; ``--qgen`` takes
 QGenConfig fields for the offline generator. Corpus embeddings, teacher query embeddings and the
 candidate lists are cached in ``--workspace``, so a further run costs its training time only.
 Appends one row per (run, averaging) to benchmarks/results/adapt_ablation.jsonl.
@@ -71,11 +71,12 @@ def main() -> None:
     bm25 = BM25Index(corpus.texts())
     qgen = QGenConfig(**json.loads(args.qgen))
     generator = OfflineGenerator(qgen, corpus)
-    queries, sources = [], []
-    for row in corpus.docs.itertuples(index=False):
+    queries, sources, origins = [], [], []
+    for position, row in enumerate(corpus.docs.itertuples(index=False)):
         for draft in generator.generate(row.doc_id, row.title, row.text):
             queries.append(draft.text)
             sources.append(draft.source)
+            origins.append(position)
     qgen_tag = hashlib.sha1(qgen.model_dump_json().encode()).hexdigest()[:8]
     dev_texts, dev_ids = dev.queries["text"].tolist(), dev.queries["query_id"].tolist()
     dev_bm25 = bm25.score_rows(dev_texts)
@@ -99,8 +100,11 @@ def main() -> None:
         run = json.loads(text)
         weight, top, sampled = run.pop("teacher_bm25_weight", 0.3), run.pop("top", 32), run.pop("sampled", 0)
         types, wise = run.pop("types", None), run.pop("wise", [0.0])
+        include_source = run.pop("include_source", True)
         config = ListwiseConfig(**{"average_with_start": 0.0, **run})
-        lists_file = workspace / f"lists-{qgen_tag}-{weight}-{top}-{sampled}.npz"
+        lists_file = workspace / (
+            f"lists-{qgen_tag}-{weight}-{top}-{sampled}" + ("" if include_source else "-nosource") + ".npz"
+        )
         if lists_file.exists():
             saved = np.load(lists_file)
             candidates, scores = saved["c"], saved["s"]
@@ -108,9 +112,10 @@ def main() -> None:
             teacher = OfflineTeacher(bm25, cache, documents, bm25_weight=weight)
             rng, parts = np.random.default_rng(13), []
             for start in range(0, len(queries), 1024):
-                parts.append(
-                    choose_candidates(teacher.rank_rows(queries[start : start + 1024]), top, sampled, rng)
-                )
+                rows = np.array(teacher.rank_rows(queries[start : start + 1024]), dtype=np.float32)
+                if not include_source:  # as ListConfig.include_source=False: the source never in its list
+                    rows[np.arange(len(rows)), origins[start : start + 1024]] = -np.inf
+                parts.append(choose_candidates(rows, top, sampled, rng))
             candidates, scores = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             np.savez(lists_file, c=candidates, s=scores)
         keep = [i for i, s in enumerate(sources) if types is None or s in types]
@@ -120,6 +125,7 @@ def main() -> None:
             "top": top,
             "sampled": sampled,
             "types": types,
+            **({} if include_source else {"include_source": False}),
             "qgen": qgen.model_dump(),
             "listwise": config.model_dump(),
         }
