@@ -16,7 +16,6 @@ is also written to benchmarks/results/adapt_scifact.json (see ``--scifact-output
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import machine_info  # noqa: E402
 
 from tasks import _env  # noqa: F401,E402
 
@@ -229,7 +230,7 @@ def main() -> None:
         results[folder.name] = run_corpus(folder, args.workspace / folder.name, resume=args.resume)
         write_json_atomic(  # after each corpus: a crash keeps the finished ones
             args.output,
-            {"corpora": results, "machine": {"cpus": 2, "python": platform.python_version()}},
+            {"corpora": results, "machine": machine_info()},
         )
         if folder.name == "scifact" and args.scifact_output:
             from benchmarks.adapt_scifact import scifact_result

@@ -13,11 +13,12 @@ and throughput, and training queries per second (the same run as one corpus of a
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import machine_info  # noqa: E402
 
 from tasks import _env  # noqa: F401,E402
 
@@ -61,7 +62,7 @@ def scifact_result(result: dict, dataset: str = "scifact") -> dict:
         "hybrid_ndcg@10_at_least_0.75": result["hybrid_ndcg@10_after"] >= 0.75,
         "at_most_60_minutes": result["total_seconds"] <= 3600,
     }
-    return result | {"dataset": dataset, "machine": {"cpus": 2, "python": platform.python_version()}}
+    return result | {"dataset": dataset, "machine": machine_info()}
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import machine_info  # noqa: E402
 
 from tasks import _env  # noqa: F401,E402
 
@@ -40,7 +41,7 @@ def main() -> None:
             k: summary[k]
             for k in ("pytorch", "fp32", "int8", "texts", "max_seq_length", "min_cosine_required")
         },
-        "machine": {"cpus": 2, "python": platform.python_version()},
+        "machine": machine_info(),
     }
     write_json_atomic(args.output, result)
     print(json.dumps(result, indent=1))

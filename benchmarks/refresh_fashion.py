@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import random
 import shutil
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import machine_info  # noqa: E402
 
 from tasks import _env  # noqa: F401,E402
 
@@ -144,7 +145,7 @@ def main() -> None:
             )
         },
         "settings": config.model_dump(mode="json", exclude={"catalog", "workspace", "image_root"}),
-        "machine": {"cpus": 2, "python": platform.python_version()},
+        "machine": machine_info(),
     }
     table = Table("run", "seconds", "trained", "nDCG@10 before", "nDCG@10 after", "promoted")
     for name, run, seconds in (("full", full, full_seconds), ("refresh", refresh, refresh_seconds)):

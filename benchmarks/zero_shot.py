@@ -7,12 +7,13 @@ benchmarks/results/zero_shot.json with top-level `minilm_ndcg@10` and `bm25_ndcg
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import machine_info  # noqa: E402
 
 from tasks import _env  # noqa: F401,E402
 
@@ -57,7 +58,7 @@ def main() -> None:
             "seconds": bm25.seconds,
             "settings": "bm25s lucene, k1=0.9, b=0.4, English stop words, Snowball stemmer",
         },
-        "machine": {"cpus": 2, "python": platform.python_version()},
+        "machine": machine_info(),
         "total_seconds": round(time.time() - start, 1),
     }
     write_json_atomic(args.output, result)
