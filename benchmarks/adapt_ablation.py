@@ -7,7 +7,10 @@ BM25 weights 0.2-0.5, each with the trained weights as they are and averaged wit
 model's (WiSE-FT). Never pass SciFact's test split: the defaults are chosen on these numbers.
 
 Each run is one JSON object: ``{"teacher_bm25_weight": 0.3, "top": 32, "sampled": 0,
-"types": ["title", "ict"], "include_source": true, "wise": [0.0, 0.5], ...ListwiseConfig fields...}``; ``--qgen`` takes
+"types": ["title", "ict"], "include_source": true, "pool": "hybrid", "wise": [0.0, 0.5], ...ListwiseConfig
+fields...}``; ``pool`` is where each list's documents come from: the teacher's own top (``hybrid``,
+the flow's) or the start model's dense top (``dense``, GPL's mining), scored by the teacher either
+way. ``--qgen`` takes
 QGenConfig fields for the offline generator. Corpus embeddings, teacher query embeddings and the
 candidate lists are cached in ``--workspace``, so a further run costs its training time only.
 Appends one row per (run, averaging) to benchmarks/results/adapt_ablation.jsonl.
@@ -101,9 +104,15 @@ def main() -> None:
         weight, top, sampled = run.pop("teacher_bm25_weight", 0.3), run.pop("top", 32), run.pop("sampled", 0)
         types, wise = run.pop("types", None), run.pop("wise", [0.0])
         include_source = run.pop("include_source", True)
+        pool = run.pop("pool", "hybrid")
+        if pool not in ("hybrid", "dense"):
+            parser.error(f"pool must be hybrid or dense, not {pool!r}")
         config = ListwiseConfig(**{"average_with_start": 0.0, **run})
         lists_file = workspace / (
-            f"lists-{qgen_tag}-{weight}-{top}-{sampled}" + ("" if include_source else "-nosource") + ".npz"
+            f"lists-{qgen_tag}-{weight}-{top}-{sampled}"
+            + ("" if include_source else "-nosource")
+            + ("" if pool == "hybrid" else f"-{pool}")
+            + ".npz"
         )
         if lists_file.exists():
             saved = np.load(lists_file)
@@ -115,7 +124,14 @@ def main() -> None:
                 rows = np.array(teacher.rank_rows(queries[start : start + 1024]), dtype=np.float32)
                 if not include_source:  # as ListConfig.include_source=False: the source never in its list
                     rows[np.arange(len(rows)), origins[start : start + 1024]] = -np.inf
-                parts.append(choose_candidates(rows, top, sampled, rng))
+                if pool == "hybrid":
+                    parts.append(choose_candidates(rows, top, sampled, rng))
+                    continue
+                # dense mining: the start model's top documents (the same exclusions), teacher-scored
+                dense_rows = cache.embed(queries[start : start + 1024]) @ documents.T
+                dense_rows[~np.isfinite(rows)] = -np.inf
+                positions, _ = choose_candidates(dense_rows, top, sampled, rng)
+                parts.append((positions, np.take_along_axis(rows, positions, axis=1)))
             candidates, scores = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             np.savez(lists_file, c=candidates, s=scores)
         keep = [i for i, s in enumerate(sources) if types is None or s in types]
@@ -126,6 +142,7 @@ def main() -> None:
             "sampled": sampled,
             "types": types,
             **({} if include_source else {"include_source": False}),
+            **({} if pool == "hybrid" else {"pool": pool}),
             "qgen": qgen.model_dump(),
             "listwise": config.model_dump(),
         }
