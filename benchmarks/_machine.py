@@ -13,15 +13,14 @@ FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 def machine_info() -> dict[str, Any]:
     """CPU count, CPU model and its int8-relevant features (from /proc/cpuinfo on Linux), Python."""
-    model, flags = platform.processor() or "unknown", set()
+    fields: dict[str, str] = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("unknown", platform.machine()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name") or platform.processor() or "unknown"
     return {
         "cpus": os.cpu_count(),
         "cpu": model,

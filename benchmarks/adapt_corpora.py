@@ -120,6 +120,38 @@ def run_corpus(folder: Path, workspace: Path, *, resume: bool = False, **overrid
     return result
 
 
+def passage_sample(folder: Path, n: int = 256) -> list[str]:
+    """``n`` corpus passages of ``folder``, a seeded sample (the encode checks' texts)."""
+    import numpy as np
+
+    from tasks.core.corpus import read_corpus
+
+    texts = read_corpus(folder).texts()
+    picks = np.random.default_rng(0).choice(len(texts), size=min(n, len(texts)), replace=False)
+    return [texts[i] for i in picks]
+
+
+def plain_encode(length: int):
+    """Plain ``SentenceTransformer.encode`` of the base model at ``length`` tokens (the reference
+    implementations' path), as ``encode(texts) -> unit rows``."""
+    from tasks.core.defaults import BASE_MODEL
+    from tasks.core.models import load_sentence_transformer, resolve_model
+
+    model = load_sentence_transformer(resolve_model(BASE_MODEL))
+    model.max_seq_length = length
+    return lambda batch: model.encode(
+        batch, batch_size=64, normalize_embeddings=True, show_progress_bar=False
+    )
+
+
+def timed(encode, texts: list[str]) -> tuple[Any, float]:
+    """``encode(texts)`` after a warm-up on 8 of them: (vectors, texts per second)."""
+    encode(texts[:8])
+    began = time.perf_counter()
+    vectors = encode(texts)
+    return vectors, len(texts) / (time.perf_counter() - began)
+
+
 def encode_check(
     folder: Path, workspace: Path, backend: str, *, n: int = 256, length: int = 256
 ) -> dict[str, Any]:
@@ -129,35 +161,21 @@ def encode_check(
     ``backend`` is the one the flow ran with (its row is ``flow``)."""
     import numpy as np
 
-    from tasks.core.corpus import read_corpus
     from tasks.core.defaults import BASE_MODEL
-    from tasks.core.models import load_sentence_transformer, resolve_model
+    from tasks.core.models import resolve_model
     from tasks.core.onnx import ENCODE_BACKENDS, fast_encode
 
-    texts = read_corpus(folder).texts()
-    picks = np.random.default_rng(0).choice(len(texts), size=min(n, len(texts)), replace=False)
-    texts = [texts[i] for i in picks]
+    texts = passage_sample(folder, n)
     resolved = resolve_model(BASE_MODEL)
-    model = load_sentence_transformer(resolved)
-    model.max_seq_length = length
-
-    def plain(batch):
-        return model.encode(batch, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
-
-    def timed(encode):
-        encode(texts[:8])  # warm-up
-        began = time.perf_counter()
-        vectors = encode(texts)
-        return vectors, len(texts) / (time.perf_counter() - began)
-
-    reference, plain_speed = timed(plain)
+    plain = plain_encode(length)
+    reference, plain_speed = timed(plain, texts)
     out: dict[str, Any] = {"texts": len(texts), "max_seq_length": length, "flow": backend}
     out["plain_texts_per_second"] = round(plain_speed, 2)
     for name in ENCODE_BACKENDS:
         encode = fast_encode(
             resolved.path, resolved.fingerprint, workspace, backend=name, max_seq_length=length
         )
-        vectors, speed = timed(encode or plain)  # pytorch is plain encode itself: its row is the noise
+        vectors, speed = timed(encode or plain, texts)  # pytorch is plain encode itself: its row is the noise
         cosines = np.einsum("ij,ij->i", reference, vectors)
         out[name] = {
             "texts_per_second": round(speed, 2),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -70,27 +69,12 @@ def variants(folder: Path) -> dict[str, Path]:
 
 def measure(corpus: Path, files: dict[str, Path], export: Path, n: int, length: int) -> dict[str, Any]:
     import numpy as np
+    from adapt_corpora import passage_sample, plain_encode, timed
 
-    from tasks.core.corpus import read_corpus
-    from tasks.core.defaults import BASE_MODEL
-    from tasks.core.models import load_sentence_transformer, resolve_model
     from tasks.core.onnx import OnnxEncoder
 
-    texts = read_corpus(corpus).texts()
-    picks = np.random.default_rng(0).choice(len(texts), size=min(n, len(texts)), replace=False)
-    texts = [texts[i] for i in picks]
-    model = load_sentence_transformer(resolve_model(BASE_MODEL))
-    model.max_seq_length = length
-
-    def timed(encode):
-        encode(texts[:8])  # warm-up
-        began = time.perf_counter()
-        vectors = encode(texts)
-        return vectors, len(texts) / (time.perf_counter() - began)
-
-    reference, plain = timed(
-        lambda b: model.encode(b, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
-    )
+    texts = passage_sample(corpus, n)  # the texts of adapt_corpora.py's encode check
+    reference, plain = timed(plain_encode(length), texts)
     out: dict[str, Any] = {
         "texts": len(texts),
         "max_seq_length": length,
@@ -103,7 +87,7 @@ def measure(corpus: Path, files: dict[str, Path], export: Path, n: int, length: 
             vectors = encoder.encode(list(batch), batch_size=32)
             return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
-        vectors, speed = timed(encode)
+        vectors, speed = timed(encode, texts)
         cosines = np.einsum("ij,ij->i", reference, vectors)
         out[name] = {
             "texts_per_second": round(speed, 2),
