@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import machine_info  # noqa: E402
 
 from tasks import _env  # noqa: F401,E402
 
@@ -215,9 +216,8 @@ def main() -> None:
         "caption_encoding_seconds": round(encode_seconds, 1),
         "grid": str(grid_path.relative_to(ROOT)) if grid_path.is_relative_to(ROOT) else str(grid_path),
         "machine": {
-            "cpus": os.cpu_count(),
+            **machine_info(),
             "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
             "torch": torch.__version__,
             "loadavg_start": [round(x, 2) for x in load_start],
             "loadavg_end": [round(x, 2) for x in load_end],

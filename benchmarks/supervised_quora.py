@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _machine import machine_info  # noqa: E402
 
 from tasks import _env  # noqa: F401,E402
 
@@ -270,8 +271,7 @@ def main() -> None:
             "end": [round(x, 2) for x in os.getloadavg()],
         },
         "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
+            **machine_info(),
             "note": "timings inflated when the load average exceeds the CPU count",
         },
         "seed": SEED,
