@@ -4,30 +4,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.hparam_search import SearchResult
+from finetune.hparam_search import PARAMS, SearchResult
 from tasks.core.markdown import md
+
+
+def _value(result: SearchResult, t: dict) -> str:
+    """A trial's objective (its last intermediate one in brackets when it did not finish); the best in bold."""
+    value = (
+        f"{t['value']:.4f}"
+        if t["value"] is not None
+        else (f"({list(t['intermediate'].values())[-1]:.4f})" if t["intermediate"] else "")
+    )
+    return f"**{value}**" if t["number"] == result.best_trial else value
+
+
+def _label(t: dict) -> str:
+    return (
+        f"{t['number']}"
+        + (" (defaults)" if t["default"] else "")
+        + (f" (retry of {t['retry_of']})" if t["retry_of"] is not None else "")
+    )
 
 
 def trials_markdown(result: SearchResult) -> str:
     """One row per trial: state, parameters, the objective and time; the best in bold."""
+    if list(result.params) != list(PARAMS):
+        return _params_markdown(result)
     lines = [
         f"| trial | state | model | loss | learning rate | batch | epochs | warm-up | hard negatives "
         f"| {result.metric} | seconds |",
         "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in result.trials:
-        value = (
-            f"{t['value']:.4f}"
-            if t["value"] is not None
-            else (f"({list(t['intermediate'].values())[-1]:.4f})" if t["intermediate"] else "")
-        )
-        if t["number"] == result.best_trial:
-            value = f"**{value}**"
-        label = (
-            f"{t['number']}"
-            + (" (defaults)" if t["default"] else "")
-            + (f" (retry of {t['retry_of']})" if t["retry_of"] is not None else "")
-        )
+        value, label = _value(result, t), _label(t)
         lr = f"{t['learning_rate']:.2e}" if t["learning_rate"] is not None else ""
         warmup = f"{t['warmup_ratio']:.2f}" if t["warmup_ratio"] is not None else ""
         model = md(Path(str(t["model"])).name) if t["model"] else ""
@@ -36,6 +45,25 @@ def trials_markdown(result: SearchResult) -> str:
             f"| {label} | {t['state'].lower()} | {model} | {md(t['loss'] or '')} | {lr} | {t['batch_size'] or ''} "
             f"| {t['epochs'] or ''} | {warmup} | {'' if t.get('hard_negatives') is None else t['hard_negatives']} "
             f"| {value} | {seconds} |"
+        )
+    return "\n".join(lines)
+
+
+def _params_markdown(result: SearchResult) -> str:
+    """The trials table of a search over other parameters than supervised training's: one column each."""
+    lines = [
+        "| trial | state | "
+        + " | ".join(md(p.replace("_", " ")) for p in result.params)
+        + f" | {result.metric} | seconds |",
+        "|---:|---|" + "---:|" * len(result.params) + "---:|---:|",
+    ]
+    for t in result.trials:
+        cells = [f"{t[p]:.3g}" if isinstance(t.get(p), float) else str(t.get(p) or "") for p in result.params]
+        seconds = f"{t['seconds']:.0f}" if t["seconds"] else ""
+        lines.append(
+            f"| {_label(t)} | {t['state'].lower()} | "
+            + " | ".join(cells)
+            + f" | {_value(result, t)} | {seconds} |"
         )
     return "\n".join(lines)
 

@@ -121,6 +121,7 @@ class SearchResult:
     default_value: float | None
     trials: list[dict[str, Any]] = field(default_factory=list)
     resumed: bool = False
+    params: list[str] = field(default_factory=lambda: list(PARAMS))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,12 +265,83 @@ def run_search(
     trial's row; ``pruner`` replaces the median pruner of ``space.search_prune``.
     """
     import optuna
-    from optuna.trial import TrialState
 
     space.check()
-    if space.search < 1:
+    defaults = default_params(base, space, train.kind)
+    if len(defaults) < len(PARAMS):
+        log.warning(
+            "settings %s lie outside the searched space; the first trial draws them",
+            sorted(set(PARAMS) - set(defaults)),
+        )
+
+    def objective(trial: Any, model_dir: Path) -> float:
+        settings = suggest(trial, base, space)
+        pruning = _pruning_callback(trial, metric_key(metric))
+        evaluator = make_evaluator(validation, metric)
+        log.info("trial %d: %s", trial.number, {p: getattr(settings, p) for p in PARAMS})
+        result = train_supervised(
+            train,
+            settings,
+            model_dir,
+            evaluator=evaluator,
+            evaluations=space.search_evaluations,
+            callbacks=[pruning, *callbacks],
+            show_progress=show_progress,
+        )
+        trial.set_user_attr("seconds", result.seconds)
+        trial.set_user_attr("steps", result.steps)
+        trial.set_user_attr("resolved_loss", result.loss)
+        if pruning.pruned:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            raise optuna.TrialPruned(f"pruned after evaluation {pruning.reported}")
+        report = evaluator.last_report
+        trial.set_user_attr("metrics", report.metrics)
+        return float(report.metric(metric))
+
+    return run_study(
+        study_key(train, validation, base, space, metric),
+        workdir,
+        objective,
+        trials=space.search,
+        seed=base.seed,
+        metric=metric,
+        defaults=defaults,
+        params=PARAMS,
+        pruner=pruner
+        or (
+            optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+            if space.search_prune
+            else optuna.pruners.NopPruner()
+        ),
+        keep_models=keep_models,
+        on_trial=on_trial,
+    )
+
+
+def run_study(
+    name: str,
+    workdir: str | Path,
+    objective: Callable[[Any, Path], float],
+    *,
+    trials: int,
+    seed: int,
+    metric: str,
+    defaults: dict[str, Any],
+    params: Sequence[str],
+    pruner: Any = None,
+    keep_models: bool = False,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> SearchResult:
+    """Run (or resume) the Optuna study ``name`` under ``workdir/<name>/`` until ``trials`` trials have
+    finished: ``objective(trial, model_dir)`` trains one trial into ``model_dir`` and returns its
+    score (higher is better); the first trial of a new study is ``defaults`` (a trial marked
+    ``default`` when they name every one of ``params``). One process per study at a time; trials a
+    crash cut off run again; only the best trial's model is kept unless ``keep_models``."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if trials < 1:
         raise ValueError("a search needs at least one trial")
-    name = study_key(train, validation, base, space, metric)
     workdir = Path(workdir) / name
     workdir.mkdir(parents=True, exist_ok=True)
     storage_url = f"sqlite:///{(workdir / 'study.db').resolve()}"
@@ -283,13 +355,8 @@ def run_search(
             direction="maximize",
             # seeded, and re-seeded past the trials a resumed study already has: the same seed again
             # would draw the parameters of those trials again
-            sampler=optuna.samplers.TPESampler(seed=base.seed + done_before),
-            pruner=pruner
-            or (
-                optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-                if space.search_prune
-                else optuna.pruners.NopPruner()
-            ),
+            sampler=optuna.samplers.TPESampler(seed=seed + done_before),
+            pruner=pruner or optuna.pruners.NopPruner(),
             load_if_exists=True,
         )
         resumed = len(study.trials) > 0
@@ -297,63 +364,32 @@ def run_search(
         remove_stale_staging(workdir)  # we hold the study's lock: no trial is live
         if not resumed:
             study.set_user_attr("metric", metric)
-            defaults = default_params(base, space, train.kind)
-            if len(defaults) < len(PARAMS):
-                log.warning(
-                    "settings %s lie outside the searched space; the first trial draws them",
-                    sorted(set(PARAMS) - set(defaults)),
-                )
-            study.enqueue_trial(defaults, user_attrs={"default": len(defaults) == len(PARAMS)})
+            study.enqueue_trial(defaults, user_attrs={"default": len(defaults) == len(params)})
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
-        remaining = space.search - len(study.get_trials(deepcopy=False, states=finished))
+        remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
         if resumed:
-            log.info(
-                "study %s resumed: %d of %d trials finished",
-                name,
-                space.search - max(remaining, 0),
-                space.search,
-            )
+            log.info("study %s resumed: %d of %d trials finished", name, trials - max(remaining, 0), trials)
 
-        def objective(trial: Any) -> float:
-            settings = suggest(trial, base, space)
+        def run_trial(trial: Any) -> float:
             model_dir = workdir / f"trial-{trial.number:04d}"
             shutil.rmtree(model_dir, ignore_errors=True)  # a leftover of a crash: never reused
-            pruning = _pruning_callback(trial, metric_key(metric))
-            evaluator = make_evaluator(validation, metric)
-            log.info("trial %d: %s", trial.number, {p: getattr(settings, p) for p in PARAMS})
-            result = train_supervised(
-                train,
-                settings,
-                model_dir,
-                evaluator=evaluator,
-                evaluations=space.search_evaluations,
-                callbacks=[pruning, *callbacks],
-                show_progress=show_progress,
-            )
-            trial.set_user_attr("seconds", result.seconds)
-            trial.set_user_attr("steps", result.steps)
-            trial.set_user_attr("resolved_loss", result.loss)
-            if pruning.pruned:
-                shutil.rmtree(model_dir, ignore_errors=True)
-                raise optuna.TrialPruned(f"pruned after evaluation {pruning.reported}")
-            report = evaluator.last_report
-            trial.set_user_attr("metrics", report.metrics)
+            value = objective(trial, model_dir)
             trial.set_user_attr("model_dir", str(model_dir))
-            return float(report.metric(metric))
+            return value
 
         def after_trial(study: Any, trial: Any) -> None:
             if not keep_models:
                 _keep_only_best(study, workdir)
             if on_trial is not None:
-                on_trial(_trial_row(trial, metric))
+                on_trial(_trial_row(trial, metric, params))
 
         if remaining > 0:
-            study.optimize(objective, n_trials=remaining, callbacks=[after_trial], catch=())
+            study.optimize(run_trial, n_trials=remaining, callbacks=[after_trial], catch=())
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise RuntimeError(f"no trial of study {name} finished (all pruned or failed)")
         best = study.best_trial
-        defaults = [t for t in complete if t.user_attrs.get("default")]
+        default_trials = [t for t in complete if t.user_attrs.get("default")]
         return SearchResult(
             study_name=name,
             storage=storage_url,
@@ -362,10 +398,11 @@ def run_search(
             best_value=float(best.value),
             best_params=dict(best.params),
             best_model_dir=best.user_attrs["model_dir"],
-            default_trial=defaults[0].number if defaults else None,
-            default_value=float(defaults[0].value) if defaults else None,
-            trials=[_trial_row(t, metric) for t in study.get_trials(deepcopy=False)],
+            default_trial=default_trials[0].number if default_trials else None,
+            default_value=float(default_trials[0].value) if default_trials else None,
+            trials=[_trial_row(t, metric, params) for t in study.get_trials(deepcopy=False)],
             resumed=resumed,
+            params=list(params),
         )
 
 
@@ -414,7 +451,7 @@ def _pruning_callback(trial: Any, metric: str):
     return OptunaPruning()
 
 
-def _trial_row(trial: Any, metric: str) -> dict[str, Any]:
+def _trial_row(trial: Any, metric: str, names: Sequence[str] = PARAMS) -> dict[str, Any]:
     params = dict(trial.params)
     return {
         "number": trial.number,
@@ -425,7 +462,7 @@ def _trial_row(trial: Any, metric: str) -> dict[str, Any]:
         "retry_of": trial.user_attrs.get("retry_of"),
         "seconds": trial.user_attrs.get("seconds"),
         "metrics": trial.user_attrs.get("metrics", {}),
-        **{p: params.get(p) for p in PARAMS},
+        **{p: params.get(p) for p in names},
     }
 
 

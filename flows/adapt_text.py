@@ -18,9 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from finetune.listwise import ListwiseConfig
 from finetune.marginmse import TrainConfig
 from flows.stages import progress_reporter, train_listwise_task, train_marginmse_task
-from tasks.core.defaults import BASE_MODEL, DEFAULT_WORKSPACE, TEXT_MODEL_NAME
-from tasks.core.evaluation import heldout_eval_set
-from tasks.core.heldout import split_heldout_queries
+from tasks.core.defaults import (
+    BASE_MODEL,
+    DEFAULT_WORKSPACE,
+    HELDOUT_FRACTION,
+    MAX_HELDOUT_QUERIES,
+    TEXT_MODEL_NAME,
+)
+from tasks.core.evaluation import evaluate_modes, heldout_eval_set
 from tasks.core.index import INDEX_DIR, index_corpus
 from tasks.core.settings import deep_merge, require_beir_split, require_path
 from tasks.text.lists import ListConfig
@@ -75,13 +80,13 @@ class AdaptTextConfig(BaseModel):
     )
     workspace: Path = Field(DEFAULT_WORKSPACE, description="folder for stage outputs, models and reports")
     heldout_fraction: float = Field(
-        0.1,
+        HELDOUT_FRACTION,
         gt=0,
         lt=0.5,
         description="without --eval: share of documents whose generated queries are held out for evaluation",
     )
     max_heldout_queries: int = Field(
-        300, ge=10, description="without --eval: most held-out queries evaluated"
+        MAX_HELDOUT_QUERIES, ge=10, description="without --eval: most held-out queries evaluated"
     )
     max_train_queries: int | None = Field(
         None, ge=1, description="train on at most this many generated queries (a seeded sample); none: all"
@@ -218,13 +223,7 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
 
     # --- evaluation set: the user's judgments, or generated queries of held-out documents. Queries of
     # held-out and probe documents are never trained on, whichever evaluation set is used.
-    probe_docs = set(pipeline.probe_doc_ids)
-    train_queries, heldout = split_heldout_queries(
-        queries[~queries["doc_id"].isin(probe_docs)],
-        config.heldout_fraction,
-        config.max_heldout_queries,
-        seed=config.seed,
-    )
+    train_queries, heldout = pipeline.split_queries(queries, config.max_heldout_queries, config.seed)
     if user_eval is not None:
         eval_data = user_eval
         eval_note = (
@@ -277,7 +276,7 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
         )
         record["items"] = weight_after.probes
     logger.info("hybrid after training: %s", weight_after.describe())
-    evaluation = _evaluate(
+    evaluation = evaluate_modes(
         watch,
         eval_data,
         pipeline.bm25,
@@ -419,41 +418,3 @@ def _train_marginmse(config, pipeline, queries_ref, queries, train_ids, start, q
     )
     watch.stages["train"]["items"] = result.steps * config.train.batch_size
     return {"result": result, "labels_key": labels_ref.key}
-
-
-def _evaluate(watch, data, bm25, exclude, *, pool, before, after, progress) -> dict[str, tuple[Any, Any]]:
-    """Dense and hybrid reports before and after: {"dense": (before, after), "hybrid": (before, after)};
-    ``before``/``after`` are (query cache, document cache, BM25 weight, system name)."""
-    from tasks.core.evaluation import evaluate_cached, evaluate_hybrid
-
-    reports: dict[str, list[Any]] = {"dense": [], "hybrid": []}
-    for when, (queries, docs, weight, system) in (("before", before), ("after", after)):
-        reports["dense"].append(
-            watch.run(
-                f"evaluate {when}",
-                len(data.queries),
-                evaluate_cached,
-                queries,
-                data,
-                system,
-                doc_cache=docs,
-                exclude=exclude,
-                progress=progress(f"evaluation {when}: encoding the corpus"),
-            )
-        )
-        reports["hybrid"].append(
-            watch.run(
-                f"evaluate {when} (hybrid)",
-                len(data.queries),
-                evaluate_hybrid,
-                queries,
-                docs,
-                data,
-                bm25,
-                weight,
-                f"{system} + BM25 (weight {weight:g})",
-                pool=pool,
-                exclude=exclude,
-            )
-        )
-    return {mode: (pair[0], pair[1]) for mode, pair in reports.items()}

@@ -32,3 +32,11 @@ IMAGE_SIZE = (80, 60)
 DEFAULT_BM25_WEIGHT = 0.3
 """The hybrid's BM25 weight where nothing better is known: where the per-corpus choice starts from
 (and stays when its probes show no clear gain), and what a version without a recorded weight uses."""
+
+HELDOUT_FRACTION = 0.1
+"""Share of a corpus's documents held out of training by the salted-hash rule (their generated queries
+are the evaluation set when there are no judgments; the BM25 weight's probes come from another such
+share)."""
+
+MAX_HELDOUT_QUERIES = 300
+"""Most held-out generated queries evaluated when there are no judgments."""

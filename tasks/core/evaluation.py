@@ -324,3 +324,42 @@ def save_reports(reports: Sequence[EvalReport], path: str | Path) -> Path:
 
 def load_reports(path: str | Path) -> list[EvalReport]:
     return [EvalReport.from_dict(r) for r in json.loads(Path(path).read_text())["reports"]]
+
+
+def evaluate_modes(
+    watch: Any, data: BeirData, bm25: Any, exclude: Any, *, pool: int, before: Any, after: Any, progress: Any
+) -> dict[str, tuple[Any, Any]]:
+    """Dense and hybrid reports before and after: {"dense": (before, after), "hybrid": (before, after)};
+    ``before``/``after`` are (query cache, document cache, BM25 weight, system name); ``watch`` a
+    :class:`tasks.core.timing.Stopwatch` that times each, ``progress(label)`` a progress callback."""
+    reports: dict[str, list[Any]] = {"dense": [], "hybrid": []}
+    for when, (queries, docs, weight, system) in (("before", before), ("after", after)):
+        reports["dense"].append(
+            watch.run(
+                f"evaluate {when}",
+                len(data.queries),
+                evaluate_cached,
+                queries,
+                data,
+                system,
+                doc_cache=docs,
+                exclude=exclude,
+                progress=progress(f"evaluation {when}: encoding the corpus"),
+            )
+        )
+        reports["hybrid"].append(
+            watch.run(
+                f"evaluate {when} (hybrid)",
+                len(data.queries),
+                evaluate_hybrid,
+                queries,
+                docs,
+                data,
+                bm25,
+                weight,
+                f"{system} + BM25 (weight {weight:g})",
+                pool=pool,
+                exclude=exclude,
+            )
+        )
+    return {mode: (pair[0], pair[1]) for mode, pair in reports.items()}

@@ -29,7 +29,7 @@ import pandas as pd
 from tasks.core.bm25 import BM25Index
 from tasks.core.corpus import Corpus
 from tasks.core.embeddings import embed_corpus, load_embeddings
-from tasks.core.heldout import heldout_mask
+from tasks.core.heldout import heldout_mask, split_heldout_queries
 from tasks.core.store import StageRef, Store, stage_key
 from tasks.core.timing import Stopwatch
 from tasks.text.fusion import Probes, WeightChoice, choose_weight, make_probes, probe_rows
@@ -208,6 +208,18 @@ class LabelPipeline:
         )
         report_reuse("generate queries", ref, began)
         return ref, self.store.read_pandas("queries", ref.key)
+
+    def split_queries(
+        self, queries: pd.DataFrame, limit: int, seed: int
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(training, held-out) generated queries: the probe documents' queries are in neither, the
+        held-out documents' (:func:`tasks.core.heldout.split_heldout_queries`, at most ``limit``, a
+        sample seeded by ``seed``) are never trained on. Every flow that trains on a corpus's
+        generated queries selects them here, so they share the candidate-lists stage."""
+        probe_docs = set(self.probe_doc_ids)
+        return split_heldout_queries(
+            queries[~queries["doc_id"].isin(probe_docs)], self.heldout_fraction, limit, seed=seed
+        )
 
     def teacher(self) -> tuple[Any, str]:
         """The configured teacher and its fingerprint (the offline one is keyed by its settings,
