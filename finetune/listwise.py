@@ -19,6 +19,15 @@ Checkpoints (model, optimizer, schedule, random state, elapsed time) are written
 reaches the same weights as a run that was never interrupted. ``average_with_start`` mixes the
 trained weights with the start model's at the end (WiSE-FT, Wortsman et al. 2022), a guard against
 drifting away from what the start model already ranked well.
+
+With judged queries (:class:`CandidateLists` ``relevance``), a second term joins the KL: the
+contrastive loss of sentence-transformers' ``MultipleNegativesRankingLoss`` with several positives,
+``-log`` of the student's softmax mass on the judged documents of the list, its negatives being the
+list's other documents (the teacher's hardest ones, mined from the whole corpus). Candidates marked
+-1 (unjudged documents the teacher ranks above every judged one: likely relevant but unjudged, the
+margin filter of ``mine_hard_negatives``) are left out of that term's softmax, not of the KL.
+Written here rather than with the sentence-transformers loss for the same reason as the KL: the
+documents are constants, and its losses embed every column with the model being trained.
 """
 
 from __future__ import annotations
@@ -93,22 +102,61 @@ class ListwiseConfig(BaseModel):
     seed: int = Field(13, description="random seed")
 
 
+class JudgedListwiseConfig(ListwiseConfig):
+    """Listwise training on judged queries (with or without generated ones): the KL to the teacher
+    plus the contrastive term on the judged documents."""
+
+    label_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the contrastive term on the judged documents of each list (the "
+        "teacher's KL has weight 1; 0: the teacher alone)",
+    )
+    pseudo_per_judged: float = Field(
+        4.0,
+        ge=0,
+        description="with pseudo-labels: generated queries (and their teacher lists) mixed in per "
+        "judged training query, a seeded sample",
+    )
+
+
 @dataclass
 class CandidateLists:
-    """Per training query: its text, candidate rows of the document matrix and the teacher's scores."""
+    """Per training query: its text, candidate rows of the document matrix and the teacher's scores;
+    ``relevance`` (optional, judged queries): 1 for a judged document, 0 for a negative, -1 for a
+    candidate left out of the contrastive term (a row of zeros: a query with no judgment)."""
 
     queries: list[str]
     candidates: np.ndarray  # (n, k) int64 rows of the document matrix
     scores: np.ndarray  # (n, k) float32 teacher scores
+    relevance: np.ndarray | None = None  # (n, k) int8
 
     def __post_init__(self) -> None:
         self.candidates = np.asarray(self.candidates, dtype=np.int64)
         self.scores = np.asarray(self.scores, dtype=np.float32)
-        if self.candidates.shape != self.scores.shape or len(self.candidates) != len(self.queries):
+        if self.relevance is not None:
+            self.relevance = np.asarray(self.relevance, dtype=np.int8)
+        shapes = {self.candidates.shape, self.scores.shape}
+        if self.relevance is not None:
+            shapes.add(self.relevance.shape)
+        if len(shapes) != 1 or len(self.candidates) != len(self.queries):
             raise ValueError(
                 f"candidate lists do not line up: {len(self.queries)} queries, candidates "
                 f"{self.candidates.shape}, scores {self.scores.shape}"
+                + (f", relevance {self.relevance.shape}" if self.relevance is not None else "")
             )
+
+    def digest(self) -> str:
+        """Content digest of the lists (queries, candidates, scores, relevance): keys a training run."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for text in self.queries:
+            digest.update(text.encode() + b"\x1f")
+        for array in (self.candidates, self.scores, self.relevance):
+            if array is not None:
+                digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:20]
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -121,6 +169,21 @@ def listwise_loss(student: Any, teacher: Any, student_temperature: float, teache
     target = F.softmax(teacher / teacher_temperature, dim=-1)
     log_student = F.log_softmax(student / student_temperature, dim=-1)
     return F.kl_div(log_student, target, reduction="batchmean")
+
+
+def judged_loss(student: Any, relevance: Any, student_temperature: float) -> Any:
+    """Contrastive loss on judged documents: ``-log`` of the student's softmax mass on a row's
+    positives (relevance 1) against its negatives (0), candidates at -1 left out; averaged over the
+    rows that have a positive (0 when none has)."""
+    import torch
+
+    logits = (student / student_temperature).masked_fill(relevance < 0, float("-inf"))
+    positive = logits.masked_fill(relevance <= 0, float("-inf"))
+    judged = (relevance > 0).any(dim=-1)
+    if not bool(judged.any()):
+        return student.sum() * 0.0
+    per_row = torch.logsumexp(logits[judged], dim=-1) - torch.logsumexp(positive[judged], dim=-1)
+    return per_row.mean()
 
 
 def _freeze(model: Any, layers: int) -> None:
@@ -251,6 +314,10 @@ def train_listwise(
         student = torch.einsum("bd,bkd->bk", query, candidates)
         teacher = torch.from_numpy(lists.scores[batch])
         loss = listwise_loss(student, teacher, config.student_temperature, config.teacher_temperature)
+        label_weight = getattr(config, "label_weight", 0.0)
+        if lists.relevance is not None and label_weight:
+            relevance = torch.from_numpy(lists.relevance[batch])
+            loss = loss + label_weight * judged_loss(student, relevance, config.student_temperature)
         check_loss(float(loss.detach()), step + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

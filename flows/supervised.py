@@ -1,5 +1,7 @@
 """Flow: supervised fine-tuning from labels (pairs, groups or query/positive rows), optionally with a
-hyper-parameter search, evaluated before and after and promoted through the registry's gate."""
+hyper-parameter search, evaluated before and after and promoted through the registry's gate; or, from
+judged queries over a corpus (a BEIR split, a click log), the query side trained against the corpus
+(:mod:`flows.judged`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ from prefect import flow, get_run_logger
 from pydantic import ConfigDict, Field, model_validator
 
 from finetune.hparam_search import SearchSettings
+from finetune.judged_search import JudgedSearchSettings
+from finetune.listwise import JudgedListwiseConfig
 from finetune.supervised import TrainSettings
+from flows.judged import is_judged, run_judged
 from flows.stages import (
     evaluate_prepared_task,
     prepare_labelled_task,
@@ -22,13 +27,15 @@ from tasks.core.defaults import DEFAULT_WORKSPACE, SUPERVISED_MODEL_NAME
 from tasks.core.evaluation import MEASURES
 from tasks.core.markdown import md, md_code
 from tasks.core.report import publish_markdown
-from tasks.core.settings import require_path
+from tasks.core.settings import require_beir_split, require_path
 from tasks.labelled.evaluation import PAIR_METRICS
+from tasks.text.lists import ListConfig
+from tasks.text.pseudo_labels import LabelConfig
 
 METRICS = tuple(MEASURES) + tuple(f"pair {m}" for m in PAIR_METRICS)
 
 
-class SupervisedConfig(SearchSettings, TrainSettings):
+class SupervisedConfig(JudgedSearchSettings, SearchSettings, TrainSettings):
     """Settings of `adapt supervised` and of the `supervised` flow."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -36,12 +43,46 @@ class SupervisedConfig(SearchSettings, TrainSettings):
     train: Path = Field(
         description="labelled training file (.tsv/.csv/.jsonl/.parquet): pairs (text1, text2, label "
         "0/1, e.g. Quora's question1, question2, is_duplicate), groups (text, label) or "
-        "query, positive[, negative] rows"
+        "query, positive[, negative] rows; or judged queries over a corpus: a BEIR folder "
+        "(corpus.jsonl, queries.jsonl, qrels/<train-split>.tsv), or a click log (query, doc_id"
+        "[, clicks] rows) with --corpus"
     )
     eval: Path | None = Field(
         None,
-        description="labelled evaluation file of the same layout; none: carve "
-        "--eval-fraction of the training rows, with no text shared",
+        description="labelled evaluation file of the same layout (judged queries: a BEIR folder with "
+        "queries.jsonl and qrels/<eval-split>.tsv over the same corpus); none: carve --eval-fraction "
+        "of the training rows (judged queries: of the queries), with nothing shared",
+    )
+    corpus: Path | None = Field(
+        None,
+        description="judged queries: the corpus a click log's doc_ids name (a BEIR folder or a "
+        "JSONL/CSV/TSV/Parquet corpus); none: --train is a BEIR folder with its corpus.jsonl",
+    )
+    train_split: str = Field("train", description="judged queries: which qrels/<split>.tsv of --train")
+    eval_split: str = Field("test", description="judged queries: which qrels/<split>.tsv of --eval")
+    with_pseudo_labels: bool = Field(
+        False,
+        description="judged queries: also train on the generated queries and teacher lists of `adapt "
+        "text` for the same corpus (read from the workspace's store when that ran; else made)",
+    )
+    serve_mode: Literal["auto", "dense", "hybrid"] = Field(
+        "auto",
+        description="judged queries: what the new version serves and the gate compares: dense, hybrid "
+        "(dense + BM25), or auto: whichever measures better after training",
+    )
+    eval_max_seq_length: int = Field(
+        256, ge=8, le=8192, description="judged queries: tokens per passage when evaluating"
+    )
+    label: LabelConfig = Field(
+        default_factory=LabelConfig, description="judged queries: the teacher and the hybrid's BM25 weight"
+    )
+    lists: ListConfig = Field(
+        default_factory=ListConfig,
+        description="judged queries: candidate lists (the teacher's top documents)",
+    )
+    listwise: JudgedListwiseConfig = Field(
+        default_factory=JudgedListwiseConfig,
+        description="judged queries: training of the query side against the corpus's cached embeddings",
     )
     layout: Literal["auto", "pairs", "groups", "triplets"] = Field(
         "auto", description="layout of the files; auto: told from the column names"
@@ -75,9 +116,18 @@ class SupervisedConfig(SearchSettings, TrainSettings):
 
     @model_validator(mode="after")
     def _inputs_exist(self) -> SupervisedConfig:
-        require_path(self.train, "a labelled training file")
+        require_path(self.train, "a labelled training file, a BEIR folder or a click log")
+        if self.corpus is not None:
+            require_path(self.corpus, "a BEIR folder or a JSONL/CSV/TSV/Parquet corpus", kind="corpus")
+        if Path(self.train).is_dir():
+            require_beir_split(self.train, self.train_split)
+            if self.corpus is None:
+                require_path(Path(self.train) / "corpus.jsonl", "the corpus of the BEIR folder (or --corpus)")
         if self.eval is not None:
-            require_path(self.eval, "a labelled evaluation file")
+            if is_judged(self):
+                require_beir_split(self.eval, self.eval_split)
+            else:
+                require_path(self.eval, "a labelled evaluation file")
         return self
 
     def train_settings(self) -> TrainSettings:
@@ -106,6 +156,8 @@ def supervised_flow(config: SupervisedConfig) -> dict:
     from tasks.labelled.evaluation import LabelledReport, labelled_markdown
 
     logger = get_run_logger()
+    if is_judged(config):
+        return run_judged(config, logger)
     check_writable(config.workspace)
     watch = Stopwatch()
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from finetune.listwise import CandidateLists, ListwiseConfig, listwise_loss, train_listwise
+from finetune.listwise import (
+    CandidateLists,
+    JudgedListwiseConfig,
+    ListwiseConfig,
+    listwise_loss,
+    train_listwise,
+)
 from tasks.core.corpus import read_corpus
 from tasks.core.hybrid import hybrid_rows, pool_stats, run_from_rows
 from tasks.text.fusion import choose_weight, make_probes, probe_ndcg, probe_rows
@@ -107,15 +113,22 @@ def test_listwise_training_learns_the_teachers_order(tmp_path, small_corpus, fix
     assert again.steps == 30
 
 
+@pytest.mark.parametrize("judged", [False, True], ids=["teacher", "teacher+judged"])
 def test_listwise_training_resumes_after_a_kill_to_the_same_weights(
-    tmp_path, small_corpus, fixed_docs, tiny_bi_encoder
+    tmp_path, small_corpus, fixed_docs, tiny_bi_encoder, judged
 ):
     import torch
 
     from tasks.core.models import load_sentence_transformer
 
     lists = _lists(small_corpus, fixed_docs)
-    config = ListwiseConfig(
+    settings = {}
+    if judged:  # the judged queries' path: the contrastive term on the first document of each list
+        lists.relevance = np.zeros(lists.candidates.shape, dtype=np.int8)
+        lists.relevance[:, 0] = 1
+        settings = {"label_weight": 1.0}
+    config = (JudgedListwiseConfig if judged else ListwiseConfig)(
+        **settings,
         max_steps=6,
         batch_size=8,
         learning_rate=1e-3,

@@ -107,18 +107,27 @@ def refresh_command(args: argparse.Namespace) -> int:
 
 
 def supervised_command(args: argparse.Namespace) -> int:
+    from flows.judged import is_judged
     from flows.supervised import SupervisedConfig, supervised_flow
 
     config = build_config(SupervisedConfig, args, args.config)
-    evaluation = config.eval or f"{config.eval_fraction:.0%} carved off, no shared text"
+    judged = is_judged(config)
+    carved = "of the queries" if judged else "no shared text"
+    evaluation = config.eval or f"{config.eval_fraction:.0%} carved off, {carved}"
     messages().print(
         styled(
             (str(config.train), "bold"),
-            f": evaluation: {evaluation}" + (f"; search: {config.search} trials" if config.search else ""),
+            (" (judged queries over a corpus)" if judged else "")
+            + f": evaluation: {evaluation}"
+            + (f"; search: {config.search} trials" if config.search else ""),
         )
     )
     result = _run_with_progress("fine-tuning", supervised_flow, config)
     out = console()
+    if judged:
+        out.print(_markdown(result["markdown"]))
+        out.print(f"report: {result['report']}")
+        return 0
     out.print(
         _before_after(
             f"Supervised fine-tuning: {config.model_name} {result['version']} ({result['loss']})",
