@@ -238,6 +238,17 @@ def pick_field(record: dict[str, Any], explicit: str | None, candidates: Sequenc
     return next((name for name in candidates if name in record), None)
 
 
+def require_field(
+    path: Path, line: int, record: dict[str, Any], name: str | None, what: str, expected: Sequence[str]
+) -> str:
+    """``name`` when ``record`` has that field, else a DataError: no <what>; expected a field named ..."""
+    if name is None or name not in record:
+        raise DataError(
+            path, line, f"no {what}; expected a field named {' or '.join(expected)}", unit=record_unit(path)
+        )
+    return name
+
+
 def field_text(path: Path, line: int, name: str, value: Any, *, required: bool) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         if required:
@@ -280,20 +291,10 @@ def read_corpus(
                 pick_field(record, text_field, TEXT_FIELDS),
             )
         id_name, title_name, text_name = fields
-        if id_name is None or id_name not in record:
-            raise DataError(
-                path,
-                line,
-                f"no document id; expected a field named {id_field or ' or '.join(ID_FIELDS)}",
-                unit=unit,
-            )
-        if text_name is None or text_name not in record:
-            raise DataError(
-                path,
-                line,
-                f"no document text; expected a field named {text_field or ' or '.join(TEXT_FIELDS)}",
-                unit=unit,
-            )
+        require_field(path, line, record, id_name, "document id", [id_field] if id_field else ID_FIELDS)
+        require_field(
+            path, line, record, text_name, "document text", [text_field] if text_field else TEXT_FIELDS
+        )
         doc_id = field_text(path, line, id_name, record[id_name], required=True).strip()
         if not doc_id:
             raise DataError(path, line, f"field '{id_name}' (document id) is empty", unit=unit)
@@ -344,14 +345,17 @@ def read_queries(
     rows: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     for line, record in iter_records(path):
-        id_name = pick_field(record, id_field, QUERY_ID_FIELDS)
-        text_name = pick_field(record, text_field, ("text", "query"))
-        if id_name is None or id_name not in record:
-            raise DataError(
-                path, line, f"no query id; expected a field named {' or '.join(QUERY_ID_FIELDS)}", unit=unit
-            )
-        if text_name is None or text_name not in record:
-            raise DataError(path, line, "no query text; expected a field named text or query", unit=unit)
+        id_name = require_field(
+            path, line, record, pick_field(record, id_field, QUERY_ID_FIELDS), "query id", QUERY_ID_FIELDS
+        )
+        text_name = require_field(
+            path,
+            line,
+            record,
+            pick_field(record, text_field, ("text", "query")),
+            "query text",
+            ("text", "query"),
+        )
         query_id = field_text(path, line, id_name, record[id_name], required=True).strip()
         text = field_text(path, line, text_name, record[text_name], required=True).strip()
         if not query_id:

@@ -29,6 +29,7 @@ from tasks.core.corpus import (
     pick_field,
     read_judged_queries,
     record_unit,
+    require_field,
 )
 from tasks.core.heldout import heldout_mask
 
@@ -54,19 +55,12 @@ def read_click_log(path: str | Path, corpus: Corpus) -> BeirData:
     qrels: dict[str, dict[str, int]] = {}
     dropped = 0
     for line, record in iter_records(path):
-        query_name = pick_field(record, None, CLICK_QUERY_FIELDS)
-        doc_name = pick_field(record, None, CLICK_DOC_FIELDS)
-        if query_name is None or query_name not in record:
-            raise DataError(
-                path, line, f"no query; expected a field named {' or '.join(CLICK_QUERY_FIELDS)}", unit=unit
-            )
-        if doc_name is None or doc_name not in record:
-            raise DataError(
-                path,
-                line,
-                f"no document id; expected a field named {' or '.join(CLICK_DOC_FIELDS)}",
-                unit=unit,
-            )
+        query_name = require_field(
+            path, line, record, pick_field(record, None, CLICK_QUERY_FIELDS), "query", CLICK_QUERY_FIELDS
+        )
+        doc_name = require_field(
+            path, line, record, pick_field(record, None, CLICK_DOC_FIELDS), "document id", CLICK_DOC_FIELDS
+        )
         text = field_text(path, line, query_name, record[query_name], required=True).strip()
         doc_id = field_text(path, line, doc_name, record[doc_name], required=True).strip()
         if not text:
