@@ -126,6 +126,10 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def card(self) -> dict[str, Any]:
+        """What a model card records of the search that chose its settings."""
+        return {"study": self.study_name, "best_trial": self.best_trial, "best_params": self.best_params}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchResult:
         return cls(**data)

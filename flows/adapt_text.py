@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from finetune.listwise import ListwiseConfig
 from finetune.marginmse import TrainConfig
-from flows.stages import progress_reporter, train_listwise_task, train_marginmse_task
+from flows.stages import progress_reporter, train_marginmse_task, train_query_side
 from tasks.core.defaults import (
     BASE_MODEL,
     DEFAULT_WORKSPACE,
@@ -362,7 +362,6 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
 def _train_listwise(config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch) -> dict:
     """Candidate lists for the training queries, then listwise training of the query side."""
     from finetune.listwise import CandidateLists
-    from tasks.core.store import stage_key
 
     lists_ref, table = pipeline.lists(queries_ref, train_ids, config.lists)
     doc_ids, doc_vectors = pipeline.doc_embeddings
@@ -373,24 +372,17 @@ def _train_listwise(config, pipeline, queries_ref, queries, train_ids, start, qu
         np.asarray([[row_of[d] for d in ids] for ids in table["doc_ids"]], dtype=np.int64),
         np.stack([np.asarray(s, dtype=np.float32) for s in table["scores"]]),
     )
-    key = stage_key(
-        "train-listwise",
-        config.listwise.model_dump(mode="json"),
+    result = train_query_side(
+        watch,
+        key_name="train-listwise",
         inputs=[lists_ref.key, pipeline.embeddings_ref.key],
-        models=[start.fingerprint],
+        model_name=config.model_name,
+        start=start,
+        lists=lists,
+        document_vectors=doc_vectors,
+        settings=config.listwise,
+        workspace=config.workspace,
     )
-    result = watch.run(
-        "train",
-        len(lists),
-        train_listwise_task,
-        config.model_name,
-        str(start.path),
-        lists,
-        doc_vectors,
-        config.listwise,
-        str(config.workspace / "train" / key),
-    )
-    watch.stages["train"]["items"] = result.steps * config.listwise.batch_size
     return {"result": result, "labels_key": lists_ref.key}
 
 

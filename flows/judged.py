@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.stages import progress_reporter, train_listwise_task
+from flows.stages import progress_reporter, train_query_side
 
 
 def is_judged(config: Any) -> bool:
@@ -80,7 +80,7 @@ def run_judged(config: Any, logger: Any) -> dict:
     from tasks.core.models import load_sentence_transformer, resolve_model
     from tasks.core.registry import Registry
     from tasks.core.report import publish_markdown
-    from tasks.core.store import Store, stage_key
+    from tasks.core.store import Store
     from tasks.core.timing import Stopwatch
     from tasks.core.workspace import check_writable
     from tasks.labelled.judged_report import judged_report
@@ -141,24 +141,17 @@ def run_judged(config: Any, logger: Any) -> dict:
     )
 
     # --- training (query side; the documents keep the start model's embeddings)
-    key = stage_key(
-        "train-judged",
-        settings.model_dump(mode="json"),
+    result = train_query_side(
+        watch,
+        key_name="train-judged",
         inputs=[lists.digest(), pipeline.embeddings_ref.key],
-        models=[start.fingerprint],
+        model_name=config.model_name,
+        start=start,
+        lists=lists,
+        document_vectors=doc_vectors,
+        settings=settings,
+        workspace=config.workspace,
     )
-    result = watch.run(
-        "train",
-        len(lists),
-        train_listwise_task,
-        config.model_name,
-        str(start.path),
-        lists,
-        doc_vectors,
-        settings,
-        str(Path(config.workspace) / "train" / key),
-    )
-    watch.stages["train"]["items"] = result.steps * settings.batch_size
 
     # --- evaluate before/after over the whole corpus, dense and hybrid
     trained = load_sentence_transformer(str(result.model_dir))
@@ -201,13 +194,7 @@ def run_judged(config: Any, logger: Any) -> dict:
         "config": json.loads(config.model_dump_json()),
         "settings": settings.model_dump(mode="json"),
         "method": "judged listwise" + (" + pseudo-labels" if pseudo else ""),
-        "search": {
-            "study": search.study_name,
-            "best_trial": search.best_trial,
-            "best_params": search.best_params,
-        }
-        if search
-        else None,
+        "search": search.card() if search else None,
         "serving": {"mode": mode, "bm25_weight": weight_after.weight, "pool": config.label.pool},
         "metrics_before": evaluation["dense"][0].metrics,
         "metrics_after": evaluation["dense"][1].metrics,
@@ -270,7 +257,9 @@ def run_judged(config: Any, logger: Any) -> dict:
         stamp=time.strftime("%Y%m%d-%H%M%S"),
     )
     publish_markdown(
-        summary["markdown"], key="supervised-report", description="before/after, examples, timings"
+        summary["markdown"],
+        key="supervised-judged-report",
+        description="judged queries: before/after, examples, search, timings",
     )
     logger.info("report written to %s", summary["report"])
     return summary

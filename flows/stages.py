@@ -109,6 +109,39 @@ def train_listwise_task(model_name: str, base_path: str, lists, document_vectors
     )
 
 
+def train_query_side(
+    watch,
+    *,
+    key_name: str,
+    inputs: list[str],
+    model_name: str,
+    start,
+    lists,
+    document_vectors,
+    settings,
+    workspace,
+):
+    """The listwise training stage of a flow: keyed by ``key_name``, the settings, ``inputs`` and the
+    start model's fingerprint (a finished run is read back, a cut-off one resumes), run and timed as
+    the ``train`` stage of ``watch``, its items the training queries seen."""
+    from tasks.core.store import stage_key
+
+    key = stage_key(key_name, settings.model_dump(mode="json"), inputs=inputs, models=[start.fingerprint])
+    result = watch.run(
+        "train",
+        len(lists),
+        train_listwise_task,
+        model_name,
+        str(start.path),
+        lists,
+        document_vectors,
+        settings,
+        str(Path(workspace) / "train" / key),
+    )
+    watch.stages["train"]["items"] = result.steps * settings.batch_size
+    return result
+
+
 @task(name="train-catalog-encoder", task_run_name="train from {model}")
 def train_catalog_encoder_task(model: str, pairs_path: str, config, **settings) -> dict:
     """Image/text training on a catalog's pairs (:func:`finetune.clip.stage.train_stage`), the loss

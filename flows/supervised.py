@@ -246,13 +246,7 @@ def supervised_flow(config: SupervisedConfig) -> dict:
         "metric": config.metric,
         "metrics_before": before.metrics,
         "metrics_after": after.metrics,
-        "search": {
-            "study": search.study_name,
-            "best_trial": search.best_trial,
-            "best_params": search.best_params,
-        }
-        if search
-        else None,
+        "search": search.card() if search else None,
     }
     promotion = registry.register_and_gate(
         config.model_name,

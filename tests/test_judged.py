@@ -224,3 +224,9 @@ def test_judged_queries_train_evaluate_and_gate_then_mix_in_adapt_texts_lists(
     assert third["settings"]["label_weight"] == pytest.approx(best["label_weight"])
     available = len(store.read_pandas("lists", lists_before[0]))
     assert third["rows"]["pseudo"] == min(available, round(best["pseudo_per_judged"] * 16))
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the report is a Prefect artifact of its own key
+        keys = {a.key for a in client.read_artifacts()}
+    assert "supervised-judged-report" in keys

@@ -68,6 +68,31 @@ def example_matches(
     return examples
 
 
+def served_examples(corpus: Any, data: Any, before: EvalReport, after: EvalReport, *, n: int = 6, k: int = 3):
+    """:func:`example_matches` of an evaluation over ``corpus`` (titles, or the text's start where a
+    document has none) on ``data``'s queries and judgments (a :class:`tasks.core.corpus.BeirData`)."""
+    titles = {
+        d: (t or x[:80])
+        for d, t, x in zip(corpus.docs["doc_id"], corpus.docs["title"], corpus.docs["text"], strict=True)
+    }
+    query_texts = dict(zip(data.queries["query_id"], data.queries["text"], strict=True))
+    return example_matches(before, after, query_texts, titles, data.qrels, n=n, k=k)
+
+
+def data_notes(corpus: Any, identical: int, *notes: str) -> list[str]:
+    """What the report says of the data, where there is something to say: documents the reader left
+    out, the caller's ``notes``, and queries whose own id is never counted as retrieved."""
+    every = [
+        f"{len(corpus.skipped)} document(s) left out of the corpus (empty)" if corpus.skipped else "",
+        *notes,
+        f"{identical} quer{'y' if identical == 1 else 'ies'} share an id with a document: that document is "
+        "never counted as retrieved for it (as BEIR's ignore_identical_ids)"
+        if identical
+        else "",
+    ]
+    return [n for n in every if n]
+
+
 def examples_markdown(examples: Sequence[Mapping[str, Any]], max_title: int = 70) -> str:
     """Side-by-side top hits; relevant hits marked with a check."""
     if not examples:

@@ -9,9 +9,10 @@ from typing import Any
 from tasks.core.markdown import md, md_code
 from tasks.core.report import (
     before_after_markdown,
-    example_matches,
+    data_notes,
     examples_markdown,
     plot_series,
+    served_examples,
     timings_markdown,
 )
 from tasks.core.store import write_json_atomic
@@ -56,15 +57,10 @@ def judged_report(
         ylabel="loss",
     )
     (before, after), (hybrid_before, hybrid_after) = evaluation["dense"], evaluation["hybrid"]
-    titles = {
-        d: (t or x[:80])
-        for d, t, x in zip(corpus.docs["doc_id"], corpus.docs["title"], corpus.docs["text"], strict=True)
-    }
-    query_texts = dict(zip(eval_data.queries["query_id"], eval_data.queries["text"], strict=True))
-    served_before, served_after = evaluation[mode]
-    examples = example_matches(served_before, served_after, query_texts, titles, eval_data.qrels, n=6, k=3)
-    data_notes = [
-        f"{len(corpus.skipped)} document(s) left out of the corpus (empty)" if corpus.skipped else "",
+    examples = served_examples(corpus, eval_data, *evaluation[mode])
+    notes_said = data_notes(
+        corpus,
+        identical,
         f"{notes['dropped_training_judgments']} training judgment(s) naming a left-out document dropped"
         if notes["dropped_training_judgments"]
         else "",
@@ -74,12 +70,7 @@ def judged_report(
         f"{notes['shared_queries']} quer(ies) judged in both files: evaluated, not trained on"
         if notes["shared_queries"]
         else "",
-        f"{identical} evaluation quer(ies) share an id with a document: that document is never counted "
-        "as retrieved for it (as BEIR's ignore_identical_ids)"
-        if identical
-        else "",
-    ]
-    data_notes = [n for n in data_notes if n]
+    )
     summary: dict[str, Any] = {
         "name": model_name,
         "version": decision.version,
@@ -133,7 +124,7 @@ def judged_report(
             f"lists; {lists['filtered']} unjudged candidates above every judged one kept out of the "
             "contrastive term.",
             f"**Evaluation set**: {md(eval_note)}, retrieval over the whole corpus ({len(corpus)} documents)"
-            + "".join(f"; {md(n)}" for n in data_notes),
+            + "".join(f"; {md(n)}" for n in notes_said),
             "## Dense",
             before_after_markdown(before, after),
             "## Hybrid (dense + BM25)",

@@ -13,9 +13,10 @@ from typing import Any
 from tasks.core.markdown import md, md_code
 from tasks.core.report import (
     before_after_markdown,
-    example_matches,
+    data_notes,
     examples_markdown,
     plot_series,
+    served_examples,
     timings_markdown,
 )
 from tasks.core.store import write_json_atomic
@@ -55,24 +56,14 @@ def adaptation_report(
         xlabel="step",
         ylabel="loss",
     )
-    titles = {
-        d: (t or x[:80])
-        for d, t, x in zip(corpus.docs["doc_id"], corpus.docs["title"], corpus.docs["text"], strict=True)
-    }
     (before, after), (hybrid_before, hybrid_after) = evaluation["dense"], evaluation["hybrid"]
-    served_before, served_after = evaluation[mode]
-    query_texts = dict(zip(eval_data.queries["query_id"], eval_data.queries["text"], strict=True))
-    examples = example_matches(served_before, served_after, query_texts, titles, eval_data.qrels, n=6, k=3)
+    examples = served_examples(corpus, eval_data, *evaluation[mode])
     dropped = getattr(eval_data, "dropped_judgments", 0)
-    data_notes = [
-        f"{len(corpus.skipped)} document(s) left out of the corpus (empty)" if corpus.skipped else "",
+    notes = data_notes(
+        corpus,
+        identical,
         f"{dropped} judgment(s) naming a left-out document not evaluated" if dropped else "",
-        f"{identical} quer{'y' if identical == 1 else 'ies'} share an id with a document: that document is "
-        "never counted as retrieved for it (as BEIR's ignore_identical_ids)"
-        if identical
-        else "",
-    ]
-    data_notes = [n for n in data_notes if n]
+    )
     summary: dict[str, Any] = {
         "ndcg@10_before": before.primary,
         "ndcg@10_after": after.primary,
@@ -117,7 +108,7 @@ def adaptation_report(
         [
             f"# Adaptation of {md(model_name)}: {version} {'promoted' if decision.promoted else 'not promoted'}",
             f"**Decision** ({md(mode)} retrieval, the one served): {md(decision.reason)}",
-            f"**Evaluation set**: {md(eval_note)}" + "".join(f"; {md(n)}" for n in data_notes),
+            f"**Evaluation set**: {md(eval_note)}" + "".join(f"; {md(n)}" for n in notes),
             "## Dense",
             before_after_markdown(before, after),
             "## Hybrid (dense + BM25)",
