@@ -83,15 +83,12 @@ def run_supervised(settings: dict[str, Any]) -> dict[str, Any]:
 def dense_per_query(model_dir: str, data: Any, workspace: Path) -> dict[str, dict[str, float]]:
     """Per-query dense metrics of a query-side model (documents by the base model, as it serves them)."""
     from tasks.core.defaults import BASE_MODEL
-    from tasks.core.embeddings import EmbeddingCache
+    from tasks.core.embeddings import cache_for
     from tasks.core.evaluation import evaluate_cached, identical_ids
-    from tasks.core.models import load_sentence_transformer, resolve_model
+    from tasks.core.models import resolve_model
 
-    base, trained = resolve_model(BASE_MODEL), resolve_model(model_dir)
-    docs = EmbeddingCache(workspace, load_sentence_transformer(base), base.fingerprint, max_seq_length=256)
-    queries = EmbeddingCache(
-        workspace, load_sentence_transformer(trained), trained.fingerprint, max_seq_length=256
-    )
+    docs = cache_for(resolve_model(BASE_MODEL), workspace, max_seq_length=256)
+    queries = cache_for(resolve_model(model_dir), workspace, max_seq_length=256)
     return evaluate_cached(
         queries, data, "unsupervised", doc_cache=docs, exclude=identical_ids(data)
     ).per_query

@@ -134,10 +134,9 @@ class CandidateLists:
     def __post_init__(self) -> None:
         self.candidates = np.asarray(self.candidates, dtype=np.int64)
         self.scores = np.asarray(self.scores, dtype=np.float32)
-        if self.relevance is not None:
-            self.relevance = np.asarray(self.relevance, dtype=np.int8)
         shapes = {self.candidates.shape, self.scores.shape}
         if self.relevance is not None:
+            self.relevance = np.asarray(self.relevance, dtype=np.int8)
             shapes.add(self.relevance.shape)
         if len(shapes) != 1 or len(self.candidates) != len(self.queries):
             raise ValueError(
@@ -145,6 +144,16 @@ class CandidateLists:
                 f"{self.candidates.shape}, scores {self.scores.shape}"
                 + (f", relevance {self.relevance.shape}" if self.relevance is not None else "")
             )
+
+    @classmethod
+    def from_table(cls, table: Any, text_of: dict[str, str], row_of: dict[str, int]) -> CandidateLists:
+        """The lists of a candidate-lists stage table (``query_id, doc_ids, scores``): query texts by
+        ``text_of[query_id]``, documents as their rows ``row_of[doc_id]`` of the document matrix."""
+        return cls(
+            [text_of[q] for q in table["query_id"]],
+            np.asarray([[row_of[d] for d in ids] for ids in table["doc_ids"]], dtype=np.int64),
+            np.stack([np.asarray(s, dtype=np.float32) for s in table["scores"]]),
+        )
 
     def digest(self) -> str:
         """Content digest of the lists (queries, candidates, scores, relevance): keys a training run."""

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -366,11 +365,8 @@ def _train_listwise(config, pipeline, queries_ref, queries, train_ids, start, qu
     lists_ref, table = pipeline.lists(queries_ref, train_ids, config.lists)
     doc_ids, doc_vectors = pipeline.doc_embeddings
     row_of = {d: i for i, d in enumerate(doc_ids)}
-    text_of = dict(zip(queries["query_id"], queries["text"], strict=True))
-    lists = CandidateLists(
-        [text_of[q] for q in table["query_id"]],
-        np.asarray([[row_of[d] for d in ids] for ids in table["doc_ids"]], dtype=np.int64),
-        np.stack([np.asarray(s, dtype=np.float32) for s in table["scores"]]),
+    lists = CandidateLists.from_table(
+        table, dict(zip(queries["query_id"], queries["text"], strict=True)), row_of
     )
     result = train_query_side(
         watch,

@@ -75,7 +75,7 @@ def _read_inputs(config: Any, watch: Any, logger: Any) -> tuple[Any, Any, Any, s
 def run_judged(config: Any, logger: Any) -> dict:
     """Read, label, (search,) train, evaluate, gate and report; returns the summary (also saved as JSON)."""
     from finetune.hparam_report import trials_markdown
-    from tasks.core.embeddings import EmbeddingCache
+    from tasks.core.embeddings import EmbeddingCache, cache_for
     from tasks.core.evaluation import evaluate_modes, identical_ids
     from tasks.core.models import load_sentence_transformer, resolve_model
     from tasks.core.registry import Registry
@@ -103,23 +103,16 @@ def run_judged(config: Any, logger: Any) -> dict:
     pipeline = LabelPipeline(corpus, cache, store, start.fingerprint, stages, watch=watch, progress=progress)
     logger.info("offline teacher: %s", pipeline.teacher_weight.describe())
     length = config.eval_max_seq_length
-    docs = (
-        cache
-        if cache.max_seq_length == length
-        else EmbeddingCache(config.workspace, encoder, start.fingerprint, max_seq_length=length)
-    )
+    docs = cache_for(start, config.workspace, max_seq_length=length, reuse=cache)
 
     # --- candidate lists: the judged queries' (teacher's top + judged documents), then the pseudo ones
     doc_ids, doc_vectors = pipeline.doc_embeddings
-    build = _list_builder(config, pipeline, corpus, {d: i for i, d in enumerate(doc_ids)})
+    row_of = {d: i for i, d in enumerate(doc_ids)}
+    build = _list_builder(config, pipeline, corpus, row_of)
     with watch.stage("judged lists") as record:
         built = build(judged)
         record["items"] = len(built.queries)
-    pseudo_lists = (
-        _pseudo_lists(config, pipeline, {d: i for i, d in enumerate(doc_ids)})
-        if config.with_pseudo_labels
-        else None
-    )
+    pseudo_lists = _pseudo_lists(config, pipeline, row_of) if config.with_pseudo_labels else None
     settings, search = config.listwise, None
     if config.search:
         with watch.stage("search") as record:
@@ -154,18 +147,15 @@ def run_judged(config: Any, logger: Any) -> dict:
     )
 
     # --- evaluate before/after over the whole corpus, dense and hybrid
-    trained = load_sentence_transformer(str(result.model_dir))
     trained_model = resolve_model(str(result.model_dir))
-    after_queries = EmbeddingCache(
-        config.workspace, trained, trained_model.fingerprint, max_seq_length=length
-    )
+    after_queries = cache_for(trained_model, config.workspace, max_seq_length=length)
     with watch.stage("choose bm25 weight after") as record:
         weight_after = pipeline.choose_bm25_weight(
-            EmbeddingCache(
+            cache_for(
+                trained_model,
                 config.workspace,
-                trained,
-                trained_model.fingerprint,
                 max_seq_length=stages.mine.max_seq_length,
+                reuse=after_queries,
             )
         )
         record["items"] = weight_after.probes
@@ -286,35 +276,36 @@ def _list_builder(config: Any, pipeline: Any, corpus: Any, row_of: dict[str, int
     return build
 
 
-def _pseudo_lists(config: Any, pipeline: Any, row_of: dict[str, int]) -> tuple[list[str], Any, Any]:
-    """`adapt text`'s generated training queries and their teacher lists: (texts, candidates, scores),
+def _pseudo_lists(config: Any, pipeline: Any, row_of: dict[str, int]) -> Any:
+    """`adapt text`'s generated training queries and their teacher lists, as :class:`CandidateLists`,
     from the same stages and keys, so a corpus `adapt text` has run on is read from the store."""
+    from finetune.listwise import CandidateLists
     from tasks.core.defaults import MAX_HELDOUT_QUERIES
 
     queries_ref, queries = pipeline.queries()
     # the seed only samples which held-out queries are evaluated; the training ones do not depend on it
     train_queries, _ = pipeline.split_queries(queries, MAX_HELDOUT_QUERIES, seed=0)
     _, table = pipeline.lists(queries_ref, sorted(train_queries["query_id"]), config.lists)
-    text_of = dict(zip(queries["query_id"], queries["text"], strict=True))
-    candidates = np.asarray([[row_of[d] for d in ids] for ids in table["doc_ids"]], dtype=np.int64)
-    scores = np.stack([np.asarray(s, dtype=np.float32) for s in table["scores"]])
-    return [text_of[q] for q in table["query_id"]], candidates, scores
+    return CandidateLists.from_table(
+        table, dict(zip(queries["query_id"], queries["text"], strict=True)), row_of
+    )
 
 
 def mix_lists(built: Any, pseudo: Any, per_judged: float, seed: int) -> Any:
     """The judged lists plus ``per_judged`` generated queries' lists per judged query (a seeded sample
-    of ``pseudo``; none when it is None), at the judged lists' width."""
+    of the lists ``pseudo``; none when it is None), at the judged lists' width."""
     from finetune.listwise import CandidateLists
 
     lists = CandidateLists(built.queries, built.candidates, built.scores, built.relevance)
-    take = 0 if pseudo is None else min(len(pseudo[0]), int(round(per_judged * len(lists))))
+    take = 0 if pseudo is None else min(len(pseudo), int(round(per_judged * len(lists))))
     if take == 0:
         return lists
-    texts, candidates, scores = pseudo
-    chosen = np.sort(np.random.default_rng(seed).choice(len(texts), size=take, replace=False))
-    candidates, scores = _fit_width(candidates[chosen], scores[chosen], lists.candidates.shape[1])
+    chosen = np.sort(np.random.default_rng(seed).choice(len(pseudo), size=take, replace=False))
+    candidates, scores = _fit_width(
+        pseudo.candidates[chosen], pseudo.scores[chosen], lists.candidates.shape[1]
+    )
     return CandidateLists(
-        lists.queries + [texts[i] for i in chosen],
+        lists.queries + [pseudo.queries[i] for i in chosen],
         np.concatenate([lists.candidates, candidates]),
         np.concatenate([lists.scores, scores]),
         np.concatenate([lists.relevance, np.zeros(candidates.shape, dtype=np.int8)]),
@@ -337,10 +328,9 @@ def _search(config, start, judged, build, pseudo, doc_vectors, docs, pipeline, l
     """The Optuna search (:mod:`finetune.judged_search`): trials train on the judged queries less a
     validation split carved by query, and are scored by dense nDCG@10 on that split."""
     from finetune.judged_search import JudgedSearchSettings, run_judged_search
-    from tasks.core.embeddings import EmbeddingCache
+    from tasks.core.embeddings import cache_for
     from tasks.core.evaluation import evaluate_cached, identical_ids
-    from tasks.core.models import load_sentence_transformer, resolve_model
-    from tasks.core.store import selection_digest
+    from tasks.core.models import resolve_model
     from tasks.labelled.judged import carve_by_query
 
     fit, validation = carve_by_query(judged, config.search_validation_fraction, salt="validation")
@@ -353,12 +343,8 @@ def _search(config, start, judged, build, pseudo, doc_vectors, docs, pipeline, l
     )
 
     def score(model_dir: Path) -> float:
-        trained = resolve_model(str(model_dir))
-        queries = EmbeddingCache(
-            config.workspace,
-            load_sentence_transformer(trained),
-            trained.fingerprint,
-            max_seq_length=docs.max_seq_length,
+        queries = cache_for(
+            resolve_model(str(model_dir)), config.workspace, max_seq_length=docs.max_seq_length
         )
         report = evaluate_cached(
             queries, validation, "trial", doc_cache=docs, exclude=identical_ids(validation)
@@ -370,7 +356,7 @@ def _search(config, start, judged, build, pseudo, doc_vectors, docs, pipeline, l
 
     inputs = [mix_lists(fit_built, None, 0, 0).digest(), pipeline.embeddings_ref.key]
     if pseudo is not None:
-        inputs.append(selection_digest(pseudo[0]))
+        inputs.append(pseudo.digest())
     return run_judged_search(
         str(start.path),
         doc_vectors,

@@ -162,10 +162,10 @@ def judged_lists(data: BeirData, rows: np.ndarray, row_of: dict[str, int], top: 
         row = rows[i]
         best = np.argpartition(-row, width - 1)[:width] if width < len(row) else np.arange(len(row))
         best = best[np.argsort(-row[best], kind="stable")].tolist()
-        missing = [p for p in own if p not in set(best)]
-        added += len(missing)
-        keep = [b for b in best if b not in set(own)][: width - len(own)]
-        chosen = np.asarray(sorted(set(keep) | set(own), key=lambda c: -row[c]), dtype=np.int64)
+        judged = set(own)
+        added += len(judged.difference(best))
+        keep = [b for b in best if b not in judged][: width - len(own)]
+        chosen = np.asarray(sorted(keep + own, key=lambda c: -row[c]), dtype=np.int64)
         chosen = np.resize(chosen, width)  # a corpus smaller than the list repeats
         candidates[i] = chosen
         relevance[i][np.isin(chosen, own)] = 1
