@@ -24,7 +24,7 @@ from tasks.core.defaults import (
     MAX_HELDOUT_QUERIES,
     TEXT_MODEL_NAME,
 )
-from tasks.core.evaluation import evaluate_modes, heldout_eval_set
+from tasks.core.evaluation import evaluate_modes, heldout_eval_set, served_mode
 from tasks.core.index import INDEX_DIR, index_corpus
 from tasks.core.settings import deep_merge, require_beir_split, require_path
 from tasks.text.lists import ListConfig
@@ -285,9 +285,7 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
         after=(after_queries, after_docs, weight_after.weight, "after: adapted"),
         progress=progress_reporter(logger),
     )
-    mode = config.serve_mode
-    if mode == "auto":
-        mode = "hybrid" if evaluation["hybrid"][1].primary > evaluation["dense"][1].primary else "dense"
+    mode = served_mode(evaluation, config.serve_mode)
     before, after = evaluation[mode]
     serving = {"mode": mode, "bm25_weight": weight_after.weight, "pool": config.label.pool}
     card = {

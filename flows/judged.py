@@ -76,7 +76,7 @@ def run_judged(config: Any, logger: Any) -> dict:
     """Read, label, (search,) train, evaluate, gate and report; returns the summary (also saved as JSON)."""
     from finetune.hparam_report import trials_markdown
     from tasks.core.embeddings import EmbeddingCache, cache_for
-    from tasks.core.evaluation import evaluate_modes, identical_ids
+    from tasks.core.evaluation import evaluate_modes, identical_ids, served_mode
     from tasks.core.models import load_sentence_transformer, resolve_model
     from tasks.core.registry import Registry
     from tasks.core.report import publish_markdown
@@ -170,9 +170,7 @@ def run_judged(config: Any, logger: Any) -> dict:
         after=(after_queries, docs, weight_after.weight, "after: fine-tuned"),
         progress=progress,
     )
-    mode = config.serve_mode
-    if mode == "auto":
-        mode = "hybrid" if evaluation["hybrid"][1].primary > evaluation["dense"][1].primary else "dense"
+    mode = served_mode(evaluation, config.serve_mode)
     before, after = evaluation[mode]
     card = {
         "base_model": config.model,

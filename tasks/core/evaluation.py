@@ -363,3 +363,11 @@ def evaluate_modes(
             )
         )
     return {mode: (pair[0], pair[1]) for mode, pair in reports.items()}
+
+
+def served_mode(evaluation: Mapping[str, tuple[Any, Any]], setting: str) -> str:
+    """The mode a new version serves (and the gate compares): ``setting`` (dense or hybrid), or for
+    auto whichever of the two ``evaluate_modes`` reports measured better after training."""
+    if setting != "auto":
+        return setting
+    return "hybrid" if evaluation["hybrid"][1].primary > evaluation["dense"][1].primary else "dense"
