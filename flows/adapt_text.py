@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from finetune.listwise import ListwiseConfig
 from finetune.marginmse import TrainConfig
+from flows.engine import part_runner
 from flows.stages import progress_reporter, train_marginmse_task, train_query_side
 from tasks.core.defaults import (
     BASE_MODEL,
@@ -26,6 +27,7 @@ from tasks.core.defaults import (
 )
 from tasks.core.evaluation import evaluate_modes, heldout_eval_set, served_mode
 from tasks.core.index import INDEX_DIR, index_corpus
+from tasks.core.parts import LOCAL, EngineSettings
 from tasks.core.settings import deep_merge, require_beir_split, require_path
 from tasks.text.lists import ListConfig
 from tasks.text.negatives import MineConfig
@@ -48,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class AdaptTextConfig(BaseModel):
+class AdaptTextConfig(EngineSettings):
     """Settings of `adapt text` and of the `adapt-text` flow.
 
     ``preset`` fills the settings it names (see ``PRESETS``) wherever they are not given, however the
@@ -145,7 +147,7 @@ class AdaptTextConfig(BaseModel):
 def adapt_text_flow(config: AdaptTextConfig) -> dict:
     """Run every stage; returns the report (also saved as JSON and published as artifacts)."""
     from tasks.core.corpus import read_corpus, read_judged_queries
-    from tasks.core.embeddings import EmbeddingCache
+    from tasks.core.embeddings import CacheSpec, EmbeddingCache
     from tasks.core.evaluation import identical_ids
     from tasks.core.models import load_sentence_transformer, resolve_model
     from tasks.core.registry import Registry
@@ -187,6 +189,7 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
         encode = fast_encode(
             resolved.path, resolved.fingerprint, config.workspace, backend=backend, max_seq_length=length
         )
+        name = f"{resolved.fingerprint}-{length}-{backend}" if encode else None
         return EmbeddingCache(
             config.workspace,
             model,
@@ -194,25 +197,37 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
             max_seq_length=length,
             batch_size=config.mine.batch_size,
             encode=encode,
-            name=f"{resolved.fingerprint}-{length}-{backend}" if encode else None,
+            name=name,
+            spec=CacheSpec(
+                str(config.workspace),
+                str(resolved.path),
+                resolved.fingerprint,
+                length,
+                config.mine.batch_size,
+                backend,
+                name,
+            ),
         )
 
     cache = cache_of(doc_encoder, documents, config.mine.max_seq_length)
     query_cache = cache if doc_encoder is encoder else cache_of(encoder, start, config.mine.max_seq_length)
 
-    # --- 1. queries
-    pipeline = LabelPipeline(
-        corpus,
-        cache,
-        store,
-        documents.fingerprint,
-        config,
-        watch=watch,
-        progress=progress_reporter(logger),
-        query_cache=query_cache,
-    )
-    logger.info("offline teacher: %s", pipeline.teacher_weight.describe())
-    queries_ref, queries = pipeline.queries()
+    # --- 1. corpus embeddings and queries, the per-part stages (on a Dask cluster with task_runner dask)
+    with part_runner(config, config.workspace) as parts:
+        pipeline = LabelPipeline(
+            corpus,
+            cache,
+            store,
+            documents.fingerprint,
+            config,
+            watch=watch,
+            progress=progress_reporter(logger),
+            query_cache=query_cache,
+            parts=parts,
+        )
+        logger.info("offline teacher: %s", pipeline.teacher_weight.describe())
+        queries_ref, queries = pipeline.queries()
+        pipeline.parts = LOCAL  # the cluster closes here
     manifest = queries_ref.manifest
     logger.info("queries: %d kept of %d generated", len(queries), manifest.get("generated", len(queries)))
     if queries.empty:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core.corpus import Corpus
-from tasks.core.store import StageRef, Store, chunked, stage_key, write_parquet_atomic
+from tasks.core.parts import ENCODE_PART_SIZE, LOCAL, PartRunner, built_once, resumed_progress
+from tasks.core.store import StageRef, Store, chunked, part_name, stage_key, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,13 @@ class EmbeddingCache:
         chunk_size: int = 2048,
         encode: Callable[[list[str]], np.ndarray] | None = None,
         name: str | None = None,
+        spec: Any = None,
     ):
         """``model`` is a sentence-transformers model, encoded at ``max_seq_length``; or give ``encode``
         (texts -> unit rows) for any other text encoder (a catalog encoder's text tower), with ``name``
-        for its cache folder (default ``<fingerprint>-<max_seq_length>``)."""
+        for its cache folder (default ``<fingerprint>-<max_seq_length>``). ``spec``
+        (:class:`tasks.core.parts.CacheSpec`) says how a worker process builds the same cache; a
+        cache without one encodes only in its own process."""
         self.folder = Path(workspace) / "cache" / "embeddings" / (name or f"{fingerprint}-{max_seq_length}")
         self.model = model
         self.encode = encode
@@ -58,15 +64,21 @@ class EmbeddingCache:
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.chunk_size = chunk_size
+        self.spec = spec
         self.vectors: dict[bytes, np.ndarray] = {}
         self.encoded = 0
         self.seconds = 0.0
-        self._load()
+        self._loaded: set[str] = set()
+        self.refresh()
 
-    def _load(self) -> None:
+    def refresh(self) -> None:
+        """Read the parts of the cache folder not read yet (written by another process since)."""
         if not self.folder.is_dir():
             return
         for part in sorted(self.folder.glob("part-*.parquet")):
+            if part.name in self._loaded:
+                continue
+            self._loaded.add(part.name)
             table = pq.read_table(part)
             column = table.column("embedding").combine_chunks()
             matrix = column.values.to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size)
@@ -132,8 +144,50 @@ class EmbeddingCache:
             }
         )
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{time.time_ns()}-{len(hashes)}.parquet"
+        # the process id keeps two workers that write in the same nanosecond apart
+        name = f"part-{time.time_ns()}-{os.getpid()}-{len(hashes)}.parquet"
         write_parquet_atomic(self.folder / name, table)
+        self._loaded.add(name)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How to rebuild an :class:`tasks.core.embeddings.EmbeddingCache` in another process: the
+    model's folder and fingerprint, the length, the batch size and the backend (pytorch or ONNX)."""
+
+    workspace: str
+    model_dir: str
+    fingerprint: str
+    max_seq_length: int
+    batch_size: int = 64
+    backend: str = "pytorch"
+    name: str | None = None
+
+    def build(self) -> Any:
+        """The cache, built once per process (the model is loaded on first use here)."""
+        return built_once(("cache", self), self._build)
+
+    def _build(self) -> Any:
+        from tasks.core.models import load_sentence_transformer
+        from tasks.core.onnx import fast_encode
+
+        encode = fast_encode(
+            self.model_dir,
+            self.fingerprint,
+            self.workspace,
+            backend=self.backend,
+            max_seq_length=self.max_seq_length,
+        )
+        model = None if encode is not None else load_sentence_transformer(self.model_dir)
+        return EmbeddingCache(
+            self.workspace,
+            model,
+            self.fingerprint,
+            max_seq_length=self.max_seq_length,
+            batch_size=self.batch_size,
+            encode=encode,
+            name=self.name,
+        )
 
 
 def cache_for(
@@ -160,6 +214,7 @@ def cache_for(
         model.fingerprint,
         max_seq_length=max_seq_length,
         batch_size=batch_size,
+        spec=CacheSpec(str(workspace), str(model.path), model.fingerprint, max_seq_length, batch_size),
     )
 
 
@@ -192,13 +247,16 @@ def embed_corpus(
     cache: Any,
     store: Store,
     *,
-    part_size: int = 2048,
+    part_size: int = ENCODE_PART_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    parts: PartRunner = LOCAL,
 ) -> StageRef:
     """Embeddings of every document as a stage (doc_id, content_hash, embedding), keyed by model and content.
 
     Encoding goes through the persistent EmbeddingCache, so a document whose text was encoded
     before by the same model (in this run, an earlier run, or before a crash) is not encoded again.
+    With a distributed ``parts`` runner each unfinished part is a job for a worker, which rebuilds
+    the cache from ``cache.spec`` (a cache without one, e.g. a catalog encoder's, encodes here).
     """
     # the cache's folder names the model, the length and how it encodes (PyTorch or ONNX)
     settings = {"max_seq_length": cache.max_seq_length, "part_size": part_size, "cache": cache.folder.name}
@@ -208,24 +266,53 @@ def embed_corpus(
     writer = store.open("embeddings", key, config=settings, inputs=[corpus.key], models=[cache.fingerprint])
     docs = corpus.docs
     texts = corpus.texts()
-    parts = list(chunked(range(len(docs)), part_size))
-    before = cache.encoded
-    for index, positions in parts:
-        if not writer.has_part(index):
-            vectors = cache.embed([texts[p] for p in positions], desc="encoding documents")
-            writer.write_part(
-                index,
-                _embedding_table(
-                    [docs["doc_id"].iat[p] for p in positions],
-                    [docs["content_hash"].iat[p] for p in positions],
-                    vectors,
-                ),
-            )
-        if progress:
-            progress(index + 1, len(parts))
-    encoded = cache.encoded - before
+    spec = getattr(cache, "spec", None)
+    remote = parts.distributed and spec is not None
+    if parts.distributed and not remote:
+        log.info("embeddings: this encoder cannot be rebuilt on a worker; encoding in the flow's process")
+    chunks = list(chunked(range(len(docs)), part_size))
+    jobs = [
+        EncodePart(
+            spec if remote else cache,
+            str(writer.path),
+            index,
+            [docs["doc_id"].iat[p] for p in positions],
+            [docs["content_hash"].iat[p] for p in positions],
+            [texts[p] for p in positions],
+        )
+        for index, positions in chunks
+        if not writer.has_part(index)
+    ]
+    progress = resumed_progress(progress, len(chunks) - len(jobs), len(chunks))
+    encoded = sum((parts if remote else LOCAL).run("encode corpus", jobs, progress))
+    if remote:
+        cache.refresh()  # the workers' new vectors, for the stages that encode documents again
     log.info("embeddings: %d documents encoded, %d taken from the cache", encoded, len(docs) - encoded)
     return writer.commit(encoded=encoded, reused=len(docs) - encoded)
+
+
+@dataclass(frozen=True)
+class EncodePart:
+    """One part of the embeddings stage: encode its texts (through the cache) and write the part.
+    ``encoder`` is the cache itself, or the :class:`tasks.core.parts.CacheSpec` a worker rebuilds it
+    from. Returns how many texts it encoded (0 when the part was already written)."""
+
+    encoder: Any
+    stage_dir: str
+    index: int
+    doc_ids: list[str]
+    content_hashes: list[str]
+    texts: list[str]
+
+    def __call__(self) -> int:
+        target = Path(self.stage_dir) / part_name(self.index)
+        if target.is_file():
+            return 0
+        cache = self.encoder.build() if isinstance(self.encoder, CacheSpec) else self.encoder
+        before = cache.encoded
+        vectors = cache.embed(self.texts, desc="encoding documents")
+        write_parquet_atomic(target, _embedding_table(self.doc_ids, self.content_hashes, vectors))
+        return cache.encoded - before
 
 
 def _embedding_table(doc_ids: Sequence[str], hashes: Sequence[str], vectors: np.ndarray) -> pa.Table:

@@ -302,13 +302,13 @@ class StageWriter:
         return sorted(int(m.group(1)) for p in self.path.iterdir() if (m := _PART_RE.match(p.name)))
 
     def has_part(self, index: int) -> bool:
-        return (self.path / _part_name(index)).is_file()
+        return (self.path / part_name(index)).is_file()
 
     def read_part(self, index: int) -> pa.Table:
-        return pq.read_table(self.path / _part_name(index))
+        return pq.read_table(self.path / part_name(index))
 
     def write_part(self, index: int, table: pa.Table) -> None:
-        write_parquet_atomic(self.path / _part_name(index), table)
+        write_parquet_atomic(self.path / part_name(index), table)
 
     def write_file(self, name: str, write: Callable[[Path], None]) -> Path:
         """A side file written atomically through ``write(tmp_path)``."""
@@ -331,7 +331,7 @@ class StageWriter:
             raise IncompleteStageError(
                 f"stage output {self.stage}/{self.key}: parts are not contiguous from 0: {indices}"
             )
-        names = [_part_name(i) for i in indices]
+        names = [part_name(i) for i in indices]
         rows = 0
         schema: pa.Schema | None = None
         for name in names:
@@ -359,7 +359,7 @@ class StageWriter:
         return StageRef(self.stage, self.key, self.path)
 
 
-def _part_name(index: int) -> str:
+def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 

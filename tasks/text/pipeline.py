@@ -30,6 +30,7 @@ from tasks.core.bm25 import BM25Index
 from tasks.core.corpus import Corpus
 from tasks.core.embeddings import embed_corpus, load_embeddings
 from tasks.core.heldout import heldout_mask, split_heldout_queries
+from tasks.core.parts import ENCODE_PART_SIZE, LOCAL, PartRunner
 from tasks.core.store import StageRef, Store, stage_key
 from tasks.core.timing import Stopwatch
 from tasks.text.fusion import Probes, WeightChoice, choose_weight, make_probes, probe_rows
@@ -76,19 +77,21 @@ class LabelPipeline:
         progress: Progress = _no_progress,
         encode_stage: str = "encode corpus",
         query_cache: Any = None,
+        parts: PartRunner = LOCAL,
     ):
         """``settings`` has the stages' sections, as every text flow's config does: ``qgen``
         (:class:`QGenConfig`), ``mine`` (:class:`MineConfig`) and ``label`` (:class:`LabelConfig`),
         and ``heldout_fraction`` (the documents whose queries are never trained on: the probes of the
         BM25 weight come from them). ``cache`` encodes documents; ``query_cache`` queries (default: the
-        same model; another one when a version adapted only its query side)."""
+        same model; another one when a version adapted only its query side). ``parts`` runs the
+        parts of corpus encoding and query generation (default: here, one after another)."""
         self.corpus, self.cache, self.store, self.fingerprint = corpus, cache, store, fingerprint
         self.query_cache = query_cache or cache
         self.heldout_fraction: float = settings.heldout_fraction
         self.qgen: QGenConfig = settings.qgen
         self.mine: MineConfig = settings.mine
         self.label: LabelConfig = settings.label
-        self.watch, self.progress = watch, progress
+        self.watch, self.progress, self.parts = watch, progress, parts
         began = time.time()
         self.embeddings_ref = watch.run(
             encode_stage,
@@ -97,7 +100,9 @@ class LabelPipeline:
             corpus,
             cache,
             store,
-            progress=progress("encoding corpus"),
+            part_size=getattr(settings, "encode_part_size", ENCODE_PART_SIZE),
+            progress=progress("encoding corpus (parts)"),
+            parts=parts,
         )
         report_reuse(encode_stage, self.embeddings_ref, began)
 
@@ -205,6 +210,7 @@ class LabelPipeline:
             key=key,
             rank_of_source=rank_of_source,
             progress=self.progress("query generation (parts)"),
+            parts=self.parts,
         )
         report_reuse("generate queries", ref, began)
         return ref, self.store.read_pandas("queries", ref.key)

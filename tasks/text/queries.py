@@ -23,13 +23,17 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.corpus import Corpus
+from tasks.core.parts import LOCAL, PartRunner, built_once, resumed_progress
+from tasks.core.store import part_name, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -321,11 +325,14 @@ def generate_queries(
     rank_of_source: Ranker | None = None,
     progress: Callable[[int, int], None] | None = None,
     device: str = "cpu",
+    parts: PartRunner = LOCAL,
 ) -> Any:
     """Generate, filter and store queries for every document; returns the stage's StageRef.
 
     ``rank_of_source(texts, positives, doc_positions)`` gives each query's rank of its source
-    document under the teacher (0 = first); it is required when ``consistency_top_k`` is set.
+    document under the teacher (0 = first); it is required when ``consistency_top_k`` is set. Each
+    unfinished part is a job for ``parts``; with the consistency filter the jobs run in this process
+    (the teacher's BM25 index and embeddings are not shipped to workers).
     """
     from tasks.core.store import chunked
 
@@ -335,55 +342,103 @@ def generate_queries(
         raise ValueError("consistency_top_k is set but no teacher ranking (rank_of_source) was given")
     writer = store.open("queries", key, config=config.model_dump(mode="json"), inputs=[corpus.key])
     docs = corpus.docs
-    parts = list(chunked(range(len(docs)), config.part_size))
-    generator: OfflineGenerator | Seq2SeqGenerator | None = None
-    kept = total = 0
-    for index, positions in parts:
-        if writer.has_part(index):  # finished before a crash: count it, do not redo it
-            done = writer.read_part(index)
-            total += int((done.schema.metadata or {}).get(b"generated", done.num_rows))
-            kept += done.num_rows
-            if progress:
-                progress(index + 1, len(parts))
-            continue
-        if generator is None:  # built only when there is work: a finished stage loads no model
-            generator = (
-                OfflineGenerator(config, corpus)
-                if config.generator == OFFLINE
-                else Seq2SeqGenerator(config, device=device)
-            )
-        drafts: list[tuple[int, DraftQuery]] = []
-        if isinstance(generator, OfflineGenerator):
-            for position in positions:
-                row = docs.iloc[position]
-                drafts.extend((position, d) for d in generator.generate(row.doc_id, row.title, row.text))
+    chunks = list(chunked(range(len(docs)), config.part_size))
+    todo = [(index, positions) for index, positions in chunks if not writer.has_part(index)]
+    remote = parts.distributed and rank_of_source is None
+    if parts.distributed and not remote:
+        log.info("queries: the consistency filter needs the teacher; generating in the flow's process")
+    generator: Any = None
+    if todo:  # built only when there is work: a finished stage loads no model
+        if config.generator == OFFLINE:
+            generator = OfflineGenerator(config, corpus)  # document frequencies: shipped with each part
+        elif remote:
+            generator = Seq2SeqSpec(config, device)  # a worker loads the model once
         else:
-            texts = [_passage(docs.iloc[p]) for p in positions]
-            for position, queries in zip(
-                positions, generator.generate_batch(texts, seed=config.seed + index), strict=True
-            ):
-                drafts.extend((position, DraftQuery(q, "seq2seq", None)) for q in queries)
-        total += len(drafts)
-        filtered = (
-            consistency_filter(drafts, rank_of_source, config.consistency_top_k) if rank_of_source else drafts
+            generator = Seq2SeqGenerator(config, device=device)
+    jobs = [
+        QueryPart(
+            generator,
+            config,
+            str(writer.path),
+            index,
+            [docs["doc_id"].iat[p] for p in positions],
+            [docs["title"].iat[p] for p in positions],
+            [docs["text"].iat[p] for p in positions],
+            [int(p) for p in positions],
+            rank_of_source,
         )
-        kept += len(filtered)
-        table = _queries_table(docs, filtered, generator.name)
-        writer.write_part(index, table.replace_schema_metadata({"generated": str(len(drafts))}))
-        if progress:
-            progress(index + 1, len(parts))
+        for index, positions in todo
+    ]
+    progress = resumed_progress(progress, len(chunks) - len(jobs), len(chunks))
+    (parts if remote else LOCAL).run("generate queries", jobs, progress)
+    kept = total = 0
+    for index, _ in chunks:  # every part's counts, whoever wrote it and when
+        meta = pq.read_schema(writer.path / part_name(index)).metadata or {}
+        rows = pq.read_metadata(writer.path / part_name(index)).num_rows
+        total += int(meta.get(b"generated", rows))
+        kept += rows
     return writer.commit(empty_schema=QUERIES_SCHEMA, generated=total, kept=kept, generator=config.generator)
 
 
-def _passage(row: Any) -> str:
-    return f"{row.title} {row.text}".strip() if row.title else row.text
+@dataclass(frozen=True)
+class Seq2SeqSpec:
+    """A seq2seq generator as a worker builds it (once per process): its settings, not its weights."""
+
+    config: QGenConfig
+    device: str = "cpu"
+
+    def build(self) -> Seq2SeqGenerator:
+        key = ("seq2seq", self.config.model_dump_json(), self.device)
+        return built_once(key, lambda: Seq2SeqGenerator(self.config, device=self.device))
 
 
-def _queries_table(docs: Any, items: list[tuple[int, DraftQuery]], generator: str) -> pa.Table:
+@dataclass(frozen=True)
+class QueryPart:
+    """One part of the queries stage: generate (and filter) the queries of its documents and write the
+    part, which records how many were generated before the filter. Does nothing when the part exists."""
+
+    generator: Any  # OfflineGenerator, Seq2SeqGenerator or Seq2SeqSpec
+    config: QGenConfig
+    stage_dir: str
+    index: int
+    doc_ids: list[str]
+    titles: list[str]
+    texts: list[str]
+    positions: list[int]  # the documents' rows in the corpus (the teacher's ranker takes them)
+    rank_of_source: Ranker | None = None
+
+    def __call__(self) -> None:
+        target = Path(self.stage_dir) / part_name(self.index)
+        if target.is_file():
+            return
+        generator = self.generator.build() if isinstance(self.generator, Seq2SeqSpec) else self.generator
+        drafts: list[tuple[int, DraftQuery]] = []
+        if isinstance(generator, OfflineGenerator):
+            for row, (doc_id, title, text) in enumerate(
+                zip(self.doc_ids, self.titles, self.texts, strict=True)
+            ):
+                drafts.extend((row, d) for d in generator.generate(doc_id, title, text))
+        else:
+            passages = [f"{t} {x}".strip() if t else x for t, x in zip(self.titles, self.texts, strict=True)]
+            batches = generator.generate_batch(passages, seed=self.config.seed + self.index)
+            for row, queries in enumerate(batches):
+                drafts.extend((row, DraftQuery(q, "seq2seq", None)) for q in queries)
+        kept = drafts
+        if self.rank_of_source is not None:
+            # the ranker takes corpus rows: map this part's rows to them and back
+            in_corpus = [(self.positions[row], d) for row, d in drafts]
+            kept_rows = consistency_filter(in_corpus, self.rank_of_source, self.config.consistency_top_k)
+            row_of = {p: row for row, p in enumerate(self.positions)}
+            kept = [(row_of[p], d) for p, d in kept_rows]
+        table = _queries_table(self.doc_ids, kept, generator.name)
+        write_parquet_atomic(target, table.replace_schema_metadata({"generated": str(len(drafts))}))
+
+
+def _queries_table(doc_ids: Sequence[str], items: list[tuple[int, DraftQuery]], generator: str) -> pa.Table:
     rows: dict[str, list[Any]] = {name: [] for name in QUERIES_SCHEMA.names}
     counters: Counter[str] = Counter()
-    for position, draft in items:
-        doc_id = docs.iloc[position].doc_id
+    for row, draft in items:
+        doc_id = doc_ids[row]
         counters[doc_id] += 1
         rows["query_id"].append(f"{doc_id}-q{counters[doc_id]}")
         rows["doc_id"].append(doc_id)
