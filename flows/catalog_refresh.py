@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from finetune.marginmse import TrainConfig
+from flows.engine import part_runner
 from flows.stages import progress_reporter, train_marginmse_task, train_query_side_task
 from tasks.core.defaults import BASE_MODEL, CATALOG_TEXT_MODEL_NAME, DEFAULT_WORKSPACE
+from tasks.core.parts import LOCAL, EngineSettings
 from tasks.text.negatives import MineConfig
 from tasks.text.pseudo_labels import LabelConfig
 from tasks.text.queries import QGenConfig
@@ -54,7 +56,7 @@ class RefreshTrainConfig(TrainConfig):
     )
 
 
-class RefreshConfig(BaseModel):
+class RefreshConfig(EngineSettings):
     """Settings of `adapt refresh` and of the `catalog-refresh` flow."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -193,26 +195,34 @@ def _refresh(config: RefreshConfig, folder: Path) -> dict:
     summary["unchanged_first_encoded"] = sum(
         1 for d, t in zip(catalog.ids, catalog.texts(), strict=True) if d in unchanged and t not in cache
     )
-    pipeline = LabelPipeline(
-        catalog,
-        cache,
-        store,
-        documents.fingerprint,
-        config,
-        watch=watch,
-        progress=progress_reporter(logger),
-        encode_stage="encode catalog",
+    delta_ids = set(diff["new"]) | set(diff["changed"])
+    delta = (
+        Corpus(
+            catalog.docs[catalog.docs["doc_id"].isin(delta_ids)].reset_index(drop=True), str(config.catalog)
+        )
+        if delta_ids
+        else None
     )
+    # the per-part stages: the catalog's embeddings, and queries for the new and changed products only
+    with part_runner(config, config.workspace) as parts:
+        pipeline = LabelPipeline(
+            catalog,
+            cache,
+            store,
+            documents.fingerprint,
+            config,
+            watch=watch,
+            progress=progress_reporter(logger),
+            encode_stage="encode catalog",
+            parts=parts,
+        )
+        queries_ref, queries = pipeline.queries(delta) if delta is not None else (None, None)
+        pipeline.parts = LOCAL  # the cluster closes here
     summary["encoded"] = pipeline.embeddings_ref.manifest.get("encoded")
 
     # --- only the new and changed products get queries, negatives and labels
-    delta_ids = set(diff["new"]) | set(diff["changed"])
     stages = list(state.stages)
-    if delta_ids:
-        delta = Corpus(
-            catalog.docs[catalog.docs["doc_id"].isin(delta_ids)].reset_index(drop=True), str(config.catalog)
-        )
-        queries_ref, queries = pipeline.queries(delta)
+    if delta is not None:
         stages.append({"queries": queries_ref.key, "labels": None, "docs": sorted(delta_ids)})
         # counted from the store: products whose queries were generated in this run but had not changed
         summary["recomputed_unchanged"] = int(
