@@ -72,9 +72,19 @@ def part_runner(settings: EngineSettings, workspace: str | Path) -> Iterator[Par
         runner = DaskTaskRunner(address=settings.dask_address)
         where = settings.dask_address
     else:
+        from prefect.client.orchestration import get_client
+
         workers = settings.dask_workers or os.cpu_count() or 1
+        with get_client(sync_client=True) as client:  # the workers report their task runs there too
+            api = str(client.api_url)
         runner = DaskTaskRunner(
-            cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+                "env": {"PREFECT_API_URL": api},
+            }
         )
         where = f"a LocalCluster of {workers} workers"
     with runner:

@@ -187,6 +187,7 @@ class CacheSpec:
             batch_size=self.batch_size,
             encode=encode,
             name=self.name,
+            spec=self,
         )
 
 
