@@ -46,7 +46,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.guards import check_loss
-from finetune.marginmse import TrainResult, _finished, _save_model
+from finetune.marginmse import TrainResult, _save_model, finished_run
 from tasks import _env  # noqa: F401
 from tasks.core.store import write_json_atomic
 
@@ -263,7 +263,7 @@ def train_listwise(
     if len(lists) < 2:
         raise ValueError(f"need at least 2 training queries, got {len(lists)}")
     output_dir = Path(output_dir)
-    if (finished := _finished(output_dir)) is not None:
+    if (finished := finished_run(output_dir)) is not None:
         return finished
     checkpoint = output_dir / "checkpoint"
     torch.manual_seed(config.seed)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune.distributed import agreed, is_main, world
 from finetune.guards import check_loss, divergence_callback, no_model_card_widgets, quiet_trainer_logs
 from tasks import _env  # noqa: F401
 from tasks.core.store import write_json_atomic
@@ -77,6 +78,17 @@ class TrainConfig(BaseModel):
     save_steps: int = Field(50, ge=1, description="checkpoint every this many steps (a rerun resumes there)")
     logging_steps: int = Field(10, ge=1, description="record the training loss every this many steps")
     seed: int = Field(13, description="random seed")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes to train on (torchrun, DDP over gloo), each taking an equal share of every "
+        "step's queries; 1: in the flow's process (MarginMSE on both sides only)",
+    )
+
+    def key_settings(self) -> dict[str, Any]:
+        """The settings that decide the trained model (a stage key's part): not how many processes ran."""
+        return self.model_dump(mode="json", exclude={"processes"})
 
 
 @dataclass
@@ -189,7 +201,8 @@ class _TimeBudget:
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if budget.deadline and time.time() > budget.deadline:
+                # on several processes rank 0's clock decides, so they all stop at the same step
+                if budget.deadline and agreed(float(time.time() > budget.deadline)):
                     budget.hit = True
                     control.should_training_stop = True
                     control.should_save = True
@@ -250,7 +263,7 @@ def train_marginmse(
     output_dir = Path(output_dir)
     final_dir = output_dir / "model"
     done = output_dir / "result.json"
-    if (finished := _finished(output_dir)) is not None:  # a rerun does no work
+    if (finished := finished_run(output_dir)) is not None:  # a rerun does no work
         log.info("training: reused the finished run in %s (%d steps)", output_dir, finished.steps)
         return finished
     checkpoints = output_dir / "checkpoints"
@@ -273,11 +286,16 @@ def train_marginmse(
 
     steps_per_epoch = max(1, math.ceil(len(train_idx) / config.batch_size))
     max_steps = config.max_steps or max(1, int(round(steps_per_epoch * config.epochs)))
+    # under torchrun the trainer runs DDP: each process takes its share of a step's queries, so a
+    # step sees batch_size queries however many processes there are (MarginMSE has no in-batch terms)
+    processes = world()[1]
+    per_process = max(1, config.batch_size // processes)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
         max_steps=max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
+        per_device_train_batch_size=per_process,
+        per_device_eval_batch_size=per_process,
+        ddp_backend="gloo" if processes > 1 else None,
         learning_rate=config.learning_rate,
         warmup_steps=int(round(config.warmup_ratio * max_steps)),
         weight_decay=config.weight_decay,
@@ -316,7 +334,8 @@ def train_marginmse(
     start = time.time()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - start
-    _save_model(model, output_dir, final_dir)
+    if is_main():  # one writer: the other processes hold the same weights
+        _save_model(model, output_dir, final_dir)
     history = [
         {k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
         for entry in trainer.state.log_history
@@ -332,17 +351,19 @@ def train_marginmse(
         stopped_early="time budget" if budget.hit else None,
         history=history,
     )
-    write_json_atomic(done, {**asdict(result), "model_dir": str(final_dir)})
+    if is_main():
+        write_json_atomic(done, {**asdict(result), "model_dir": str(final_dir), "processes": processes})
     return result
 
 
-def _finished(output_dir: Path) -> TrainResult | None:
+def finished_run(output_dir: Path) -> TrainResult | None:
     """The result of a run that finished in ``output_dir`` before, if any."""
     done, final_dir = output_dir / "result.json", output_dir / "model"
     if not (done.is_file() and final_dir.is_dir()):
         return None
     log.info("training already finished in %s; reusing it", output_dir)
-    return TrainResult(**{**json.loads(done.read_text()), "model_dir": final_dir})
+    saved = {k: v for k, v in json.loads(done.read_text()).items() if k != "processes"}
+    return TrainResult(**{**saved, "model_dir": final_dir})
 
 
 def _save_model(model: Any, output_dir: Path, final_dir: Path) -> None:
@@ -411,7 +432,7 @@ def train_query_side(
     output_dir = Path(output_dir)
     final_dir = output_dir / "model"
     done = output_dir / "result.json"
-    if (finished := _finished(output_dir)) is not None:
+    if (finished := finished_run(output_dir)) is not None:
         log.info("training: reused the finished run in %s (%d steps)", output_dir, finished.steps)
         return finished
     torch.manual_seed(config.seed)

@@ -403,9 +403,7 @@ def _train_marginmse(config, pipeline, queries_ref, queries, train_ids, start, q
 
     labels_ref, labels = pipeline.labels(queries_ref, train_ids)
     rows = TrainingRows.from_table(training_table(labels, queries, pipeline.corpus))
-    key = stage_key(
-        "train", config.train.model_dump(mode="json"), inputs=[labels_ref.key], models=[start.fingerprint]
-    )
+    key = stage_key("train", config.train.key_settings(), inputs=[labels_ref.key], models=[start.fingerprint])
     result = watch.run(
         "train",
         len(rows),

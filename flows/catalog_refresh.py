@@ -254,7 +254,7 @@ def _refresh(config: RefreshConfig, folder: Path) -> dict:
         if len(rows) >= 2:
             train_key = stage_key(
                 "train",
-                {**config.train.model_dump(mode="json"), "replay": config.replay_ratio, "towers": towers},
+                {**config.train.key_settings(), "replay": config.replay_ratio, "towers": towers},
                 inputs=[s["labels"] for s in stages if s["labels"]],
                 models=[start.fingerprint, documents.fingerprint],
             )

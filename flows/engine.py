@@ -20,7 +20,14 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core.parts import LOCAL, EngineSettings, PartRunner, WorkspaceNotShared, probe_workspace
+from tasks.core.parts import (
+    LOCAL,
+    EngineError,
+    EngineSettings,
+    PartRunner,
+    WorkspaceNotShared,
+    probe_workspace,
+)
 
 
 @task(name="stage-part", cache_policy=NO_CACHE, persist_result=False)
@@ -88,7 +95,13 @@ def part_runner(settings: EngineSettings, workspace: str | Path) -> Iterator[Par
         )
         where = f"a LocalCluster of {workers} workers"
     with runner:
-        client = runner.client
+        try:
+            client = runner.client  # connects (or starts the LocalCluster) here
+        except (OSError, TimeoutError) as exc:
+            raise EngineError(
+                f"cannot use the Dask cluster at {where}: {exc}; start its scheduler and workers, or run "
+                "with task_runner local"
+            ) from exc
         logger.info("dask: %s (%d workers)", where, len(client.scheduler_info()["workers"]))
         check_shared_workspace(client, Path(workspace))
         yield DaskParts(runner, settings.part_retries, logger)

@@ -68,6 +68,11 @@ def train_marginmse_task(
     from finetune.marginmse import train_marginmse
     from tasks.core.models import load_sentence_transformer
 
+    if config.processes > 1:  # torchrun: the processes fit the label scale themselves
+        from finetune.distributed import marginmse_on_processes
+
+        get_run_logger().info("training on %d processes (torchrun, gloo)", config.processes)
+        return marginmse_on_processes(base_path, rows, config, output_dir, config.processes)
     progress = progress_reporter(get_run_logger())
     return train_marginmse(
         load_sentence_transformer(base_path),
@@ -155,6 +160,11 @@ def train_catalog_encoder_task(model: str, pairs_path: str, config, **settings) 
         if step % every == 0:
             logger.info("step %d: loss %.4f", step, loss)
 
+    if config.processes > 1:
+        from finetune.distributed import clip_on_processes
+
+        logger.info("training on %d processes (torchrun, gloo)", config.processes)
+        return clip_on_processes(model, pairs_path, config, config.processes, **settings)
     return train_stage(model, pairs_path, config, on_step=on_step, **settings)
 
 

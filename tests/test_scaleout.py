@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -147,3 +149,133 @@ def test_a_workspace_workers_cannot_see_is_refused_before_any_work(tmp_path):
     assert "different filesystem" in probe_workspace(str(workspace), ".dask-probe-x", "mine")
     with pytest.raises(WorkspaceNotShared, match="no workers"):
         check_shared_workspace(Cluster({}), tmp_path / "ws2")
+
+
+# ------------------------------------------------------------------ training on several processes
+
+
+def _margin_rows(n: int = 24):
+    from finetune.marginmse import TrainingRows
+
+    rng = np.random.default_rng(0)
+    words = "cell protein gene tumour patient dose virus brain heart liver blood trial".split()
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(words, size=k))
+
+    return TrainingRows(
+        queries=[text(4) for _ in range(n)],
+        positives=[text(12) for _ in range(n)],
+        negatives=[[text(12) for _ in range(2)] for _ in range(n)],
+        margins=[list(rng.uniform(0.5, 3.0, size=2)) for _ in range(n)],
+    )
+
+
+@pytest.mark.slow
+def test_marginmse_on_two_processes_saves_a_model_that_loads_and_is_reused(tmp_path, tiny_bi_encoder):
+    """torchrun with 2 CPU processes (gloo): rank 0 writes the checkpoints, the model and the result;
+    a rerun reads the finished run back without training."""
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.distributed import marginmse_on_processes
+    from finetune.marginmse import TrainConfig
+
+    config = TrainConfig(
+        max_steps=4,
+        batch_size=4,
+        negatives_per_query=2,
+        max_seq_length=32,
+        save_steps=2,
+        eval_fraction=0,
+        label_scale=0.1,
+        processes=2,
+    )
+    out = tmp_path / "train"
+    result = marginmse_on_processes(str(tiny_bi_encoder), _margin_rows(), config, out, processes=2)
+    assert result.steps == 4 and result.model_dir == out / "model"
+    log = (out / "torchrun.log").read_text()
+    assert json.loads((out / "result.json").read_text())["processes"] == 2, log
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()  # checkpoints as with one process
+    model = SentenceTransformer(str(result.model_dir), device="cpu")
+    vectors = model.encode(["cell protein", "tumour dose"], normalize_embeddings=True)
+    assert vectors.shape[0] == 2 and np.isfinite(vectors).all()
+    before = SentenceTransformer(str(tiny_bi_encoder), device="cpu").encode(["cell protein"])
+    assert not np.allclose(model.encode(["cell protein"]), before)  # it trained
+    stamp = (out / "result.json").stat().st_mtime_ns
+    again = marginmse_on_processes(str(tiny_bi_encoder), _margin_rows(), config, out, processes=2)
+    assert again.steps == 4 and (out / "result.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_clip_on_two_processes_takes_the_loss_over_both_processes_embeddings(tmp_path, fashion_sample):
+    """A tiny CLIPConfig model on 2 processes: each encodes half of every batch, and the loss is over
+    the gathered embeddings of both, so its losses equal the one-process run's on the same batches
+    (a loss over one process's half would be another number), and the saved model loads."""
+    from test_pairs import small_catalog
+    from tiny_clip import build_tiny_clip
+
+    from finetune.clip.config import ClipTrainConfig
+    from finetune.clip.stage import train_stage
+    from finetune.distributed import clip_on_processes
+    from tasks.catalog.encoders import load_catalog_encoder
+    from tasks.catalog.pairs import pairs_stage
+
+    model = build_tiny_clip(tmp_path / "tiny-clip")
+    catalog, _, _ = small_catalog(tmp_path / "cat", fashion_sample, n=24)
+    config = ClipTrainConfig(
+        epochs=2,
+        batch_size=8,
+        clip_learning_rate=1e-3,
+        warmup_fraction=0.0,
+        augment=False,
+        wise_ft_ratio=1.0,
+        checkpoint_every=1000,
+    )
+    settings = {"heldout_fraction": 0.1, "split_salt": "holdout", "image_size": (80, 60)}
+    alone_ws, two_ws = tmp_path / "alone", tmp_path / "two"
+    alone = train_stage(
+        str(model),
+        str(pairs_stage(catalog, alone_ws, show_progress=False).path),
+        config,
+        workspace=alone_ws,
+        show_progress=False,
+        **settings,
+    )
+    two = clip_on_processes(
+        str(model),
+        str(pairs_stage(catalog, two_ws, show_progress=False).path),
+        config.model_copy(update={"processes": 2}),
+        2,
+        workspace=two_ws,
+        **settings,
+    )
+    assert two["key"] == alone["key"]  # the number of processes is not part of the stage's key
+    losses_alone, losses_two = alone["result"]["losses"], two["result"]["losses"]
+    assert len(losses_two) == len(losses_alone) >= 4
+    np.testing.assert_allclose(losses_two, losses_alone, rtol=1e-3, atol=1e-4)
+    encoder = load_catalog_encoder(two["model_dir"])
+    assert encoder.kind == "clip" and np.isfinite(encoder.encode_text(["a red shirt"])).all()
+
+
+def test_an_unreachable_cluster_stops_the_command_with_exit_2(
+    prefect_harness, tmp_path, small_beir, tiny_bi_encoder, capsys
+):
+    """A scheduler that is not there: one line naming the address and what to do, before any stage."""
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        code = main(
+            _text_args(
+                small_beir,
+                tmp_path / "ws",
+                tiny_bi_encoder,
+                "--task-runner",
+                "dask",
+                "--dask-address",
+                "tcp://127.0.0.1:9",
+            )
+        )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot use the Dask cluster at tcp://127.0.0.1:9" in err and "task_runner local" in err
+    assert not (tmp_path / "ws" / "embeddings").exists()

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from finetune.clip.config import ClipTrainConfig, TrainResult
-from finetune.clip.loop import MAX_LOGIT_SCALE, run_loop, weight_decay_groups
+from finetune.clip.loop import MAX_LOGIT_SCALE, gathered_order, run_loop, weight_decay_groups
+from finetune.distributed import gather_with_grad
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def train_clip(
     ``captions``: one per image, or V lists of them (each step picks one per pair at random).
     """
     import torch
+    from torch.nn import functional as F
 
     from tasks.catalog.image_tower import augment_batch
 
@@ -91,6 +93,7 @@ def train_clip(
     )
 
     def loss_for_batch(indices: np.ndarray, generator: Any) -> Any:
+        # the whole batch's random draws (the same in every process), then this process's share
         batch = torch.from_numpy(np.ascontiguousarray(pixels[indices]))
         if config.augment:
             batch = (augment_batch(batch, generator) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
@@ -99,11 +102,18 @@ def train_clip(
             if len(views) > 1
             else [0] * len(indices)
         )
-        text = encoder.text_inputs([views[v][i] for v, i in zip(chosen, indices, strict=True)])
-        image = encoder.image_inputs(batch.numpy())
+        mine, _ = gathered_order(len(indices))
+        text = encoder.text_inputs([views[chosen[j]][indices[j]] for j in mine])
+        image = encoder.image_inputs(batch.numpy()[mine])
         inputs = {k: v.to(device) for k, v in {**text, **image}.items()}
         model.logit_scale.data.clamp_(max=math.log(MAX_LOGIT_SCALE))
-        return model(**inputs, return_loss=True).loss
+        output = model(**inputs)
+        # CLIP's symmetric loss over every process's pairs (CLIPModel's own loss sees only its rows)
+        images = gather_with_grad(output.image_embeds)
+        texts = gather_with_grad(output.text_embeds)
+        logits = model.logit_scale.exp() * texts @ images.T
+        targets = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
     result = run_loop(
         n_pairs=len(pixels),

@@ -24,9 +24,11 @@ from finetune.clip.loop import (
     caption_clusters,
     caption_groups,
     contrastive_targets,
+    gathered_order,
     run_loop,
     weight_decay_groups,
 )
+from finetune.distributed import gather_with_grad
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +90,13 @@ def train_lit(
             if n_views > 1
             else torch.zeros_like(index)
         )
-        image_emb = F.normalize(tower(inputs), dim=-1)
+        # this process's images; every process's image rows for the loss, texts in the same order
+        mine, order = gathered_order(len(index))
+        image_emb = gather_with_grad(F.normalize(tower(inputs[torch.from_numpy(mine)]), dim=-1))
+        rows, chosen = index[torch.from_numpy(order)], view[torch.from_numpy(order)]
         scale = logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
-        logits = scale * image_emb @ texts[view, index].T
-        targets = contrastive_targets(group_of[view, index])
+        logits = scale * image_emb @ texts[chosen, rows].T
+        targets = contrastive_targets(group_of[chosen, rows])
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
     clusters = (

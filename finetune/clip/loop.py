@@ -26,6 +26,14 @@ from typing import Any
 import numpy as np
 
 from finetune.clip.config import ClipTrainConfig, TrainResult
+from finetune.distributed import (
+    agreed,
+    average_gradients,
+    broadcast_parameters,
+    is_main,
+    local_slice,
+    world,
+)
 from finetune.guards import check_loss
 
 log = logging.getLogger(__name__)
@@ -143,7 +151,10 @@ def run_loop(
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    processes = world()[1]
     batch_size = min(config.batch_size, n_pairs)
+    # under torchrun every process takes an equal share of each batch (the gather needs equal shapes)
+    batch_size = max(processes, batch_size - batch_size % processes)
     steps_per_epoch = max(
         1, n_pairs // batch_size
     )  # drop the ragged last batch: every step sees a full batch
@@ -184,8 +195,10 @@ def run_loop(
                 "ignoring checkpoint %s: it belongs to another run (data or settings changed)", checkpoint
             )
 
+    broadcast_parameters(list(modules.values()))  # every process starts from the same weights
+
     def save_checkpoint() -> None:
-        if checkpoint is None:
+        if checkpoint is None or not is_main():  # one writer; every process reads it to resume
             return
         atomic_torch_save(
             {
@@ -237,13 +250,15 @@ def run_loop(
             check_loss(float(loss.detach()), global_step + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(list(modules.values()))
             optimizer.step()
             scheduler.step()
             global_step += 1
             result.losses.append(float(loss.detach()))
             progress.update(1)
             progress.set_postfix(loss=f"{result.losses[-1]:.3f}", refresh=False)
-            elapsed = spent + (time.time() - started)
+            # rank 0's clock decides the budget and the re-plans, so every process takes the same steps
+            elapsed = agreed(spent + (time.time() - started))
             end_of_epoch = global_step % steps_per_epoch == 0
             if end_of_epoch and global_step == steps_per_epoch:
                 first_epoch_end = elapsed
@@ -301,6 +316,14 @@ def run_loop(
     result.seconds_per_epoch = round(result.seconds / max(result.epochs_done, 1e-9), 2)
     result.images_per_second = round(global_step * batch_size / max(result.seconds, 1e-9), 1)
     return result
+
+
+def gathered_order(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(this process's positions in a batch of ``n``, the batch's positions in the order the processes'
+    rows come back from the gather): one process gets all of it, in order."""
+    positions = np.arange(n)
+    _, processes = world()
+    return local_slice(positions), np.concatenate([positions[r::processes] for r in range(processes)])
 
 
 def caption_groups(captions: Sequence[str]) -> np.ndarray:

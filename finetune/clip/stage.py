@@ -20,6 +20,7 @@ from finetune.clip.clip_model import train_clip
 from finetune.clip.config import ClipTrainConfig, TrainResult
 from finetune.clip.lit import train_lit
 from finetune.clip.loop import CHECKPOINT_FILE
+from finetune.distributed import is_main
 from tasks.core.defaults import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ def train_catalog_encoder(
         "result": {k: v for k, v in result.to_dict().items() if k != "losses"},
         **(card or {}),
     }
+    if not is_main():  # the same weights are in every process: the first one saves them
+        return Path(output_dir), result
     saved = encoder.save(output_dir, extra={"trained": trained})
     return saved, result
 
@@ -174,7 +177,7 @@ def train_stage(
             f"only {len(train_pairs)} product(s) left to train on after holding out "
             f"{len(held_out)}; lower the held-out fraction or add products"
         )
-    settings = {"train": config.model_dump(mode="json"), "image_size": list(image_size)}
+    settings = {"train": config.key_settings(), "image_size": list(image_size)}
     key = stage_key(
         TRAIN_STAGE, settings, inputs=[train_pairs.key], models=[resolve_model(model).fingerprint]
     )
@@ -197,9 +200,11 @@ def train_stage(
         card={"pairs_key": train_pairs.key, "held_out_products": len(held_out)},
     )
     curve = [(i / result.steps_per_epoch, loss) for i, loss in enumerate(result.losses, start=1)]
-    plot = plot_series(
-        {"contrastive loss": curve}, folder / "loss.png", title="training loss", xlabel="epoch", ylabel="loss"
-    )
+    plot = folder / "loss.png"
+    if is_main():  # one writer when training runs on several processes
+        plot = plot_series(
+            {"contrastive loss": curve}, plot, title="training loss", xlabel="epoch", ylabel="loss"
+        )
     summary = {
         "model_dir": str(saved),
         "key": key,
@@ -208,6 +213,7 @@ def train_stage(
         "held_out": len(held_out),
         "result": result.to_dict(),
     }
-    write_json_atomic(result_file, summary)  # written last: its presence means the stage is complete
-    (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if is_main():  # one writer when training runs on several processes
+        write_json_atomic(result_file, summary)  # written last: its presence means the stage is complete
+        (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
     return {**summary, "reused": False}

@@ -31,6 +31,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from finetune.guards import TrainingDivergedError
     from tasks.core.corpus import DataError
     from tasks.core.models import ModelNotAvailableError
+    from tasks.core.parts import EngineError
     from tasks.core.registry import RegistryError
     from tasks.core.store import IncompleteStageError
     from tasks.core.workspace import DiskFullError, WorkspaceError
@@ -47,6 +48,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         WorkspaceError,
         DiskFullError,
         TrainingDivergedError,
+        EngineError,
     )
 
 

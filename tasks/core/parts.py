@@ -127,7 +127,11 @@ def built_once(key: Any, build: Callable[[], Any]) -> Any:
 # ------------------------------------------------------------------ the shared-workspace check
 
 
-class WorkspaceNotShared(RuntimeError):
+class EngineError(RuntimeError):
+    """The configured cluster cannot run the flow's parts (unreachable, no workers, no shared workspace)."""
+
+
+class WorkspaceNotShared(EngineError):
     """A worker cannot see or write the flow's workspace at the same path."""
 
 
