@@ -7,10 +7,10 @@ Start it with ``torchrun``, which sets ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR
     torchrun --standalone --nproc-per-node 2 -m finetune.distributed clip \\
         --model DIR --pairs PAIRS_DIR --config clip.json --heldout-fraction 0.15 --workspace WS
 
-or from a flow with ``--train-processes N`` (``adapt text --method marginmse``) or
-``--train-processes N`` (``adapt clip``), which run exactly these commands. On CPUs the processes
-talk over gloo. MarginMSE runs on sentence-transformers' trainer, which does DDP itself under
-``torchrun``; the contrastive loop (:mod:`finetune.clip.loop`) gathers every process's embeddings
+or from a flow with ``--train-processes N`` (``adapt text --method marginmse``, ``adapt clip``,
+``adapt supervised``), which run exactly these commands (``supervised`` trains a prepared split). On CPUs the processes
+talk over gloo. MarginMSE and supervised training run on sentence-transformers' trainer, which does
+DDP itself under ``torchrun`` (the MNRL losses gather every process's in-batch negatives); the contrastive loop (:mod:`finetune.clip.loop`) gathers every process's embeddings
 for the loss and averages the gradients. Only the first process (rank 0) writes checkpoints and the
 model, so checkpoints and resume work as with one process; every process reads the checkpoint to
 resume.
@@ -223,6 +223,37 @@ def clip_on_processes(model: str, pairs_path: str, config: Any, processes: int, 
     return {**train_stage(model, pairs_path, config, **settings), "reused": False, "processes": processes}
 
 
+def supervised_on_processes(
+    prepared: Any, settings: Any, output_dir: str | Path, split: str, processes: int
+) -> dict:
+    """:func:`finetune.supervised.train_supervised` of one prepared split on ``processes`` processes;
+    returns the run's result (as ``TrainResult.to_dict()``)."""
+    import dataclasses
+
+    from tasks.core.store import write_json_atomic, write_text_atomic
+
+    output_dir = Path(output_dir)
+    folder = output_dir.with_name(f".{output_dir.name}.launch")
+    write_json_atomic(folder / "prepared.json", dataclasses.asdict(prepared))
+    write_text_atomic(folder / "settings.json", settings.model_dump_json())
+    launch(
+        processes,
+        "supervised",
+        "--prepared",
+        str(folder / "prepared.json"),
+        "--split",
+        split,
+        "--settings",
+        str(folder / "settings.json"),
+        "--output-dir",
+        str(output_dir),
+        "--result",
+        str(folder / "result.json"),
+        log_file=folder / "torchrun.log",
+    )
+    return {**json.loads((folder / "result.json").read_text()), "processes": processes}
+
+
 # ------------------------------------------------------------------ the entry point of each process
 
 
@@ -257,6 +288,18 @@ def _clip(args: argparse.Namespace) -> None:
         print(json.dumps({k: summary[k] for k in ("model_dir", "key", "reused")}))
 
 
+def _supervised(args: argparse.Namespace) -> None:
+    from finetune.supervised import TrainSettings, train_supervised
+    from tasks.core.store import write_json_atomic
+    from tasks.labelled.splits import PreparedData
+
+    prepared = PreparedData(**json.loads(Path(args.prepared).read_text()))
+    settings = TrainSettings.model_validate_json(Path(args.settings).read_text())
+    result = train_supervised(prepared.load(args.split), settings, args.output_dir, show_progress=False)
+    if is_main():
+        write_json_atomic(Path(args.result), result.to_dict())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m finetune.distributed",
@@ -278,10 +321,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     clip.add_argument("--split-salt", default="holdout", help="salt of the held-out split")
     clip.add_argument("--image-size", type=int, nargs=2, required=True, metavar=("HEIGHT", "WIDTH"))
     clip.add_argument("--workspace", required=True, help="the flow's workspace (the stage is keyed there)")
+    supervised = commands.add_parser("supervised", help="supervised fine-tuning of a prepared split (DDP)")
+    supervised.add_argument("--prepared", required=True, help="JSON of the prepared splits (PreparedData)")
+    supervised.add_argument(
+        "--split", default="train", help="which split to train on (train, train+validation)"
+    )
+    supervised.add_argument("--settings", required=True, help="JSON of the training settings (TrainSettings)")
+    supervised.add_argument("--output-dir", required=True, help="the model is saved here (must not exist)")
+    supervised.add_argument("--result", required=True, help="the run's result is written here as JSON")
     args = parser.parse_args(argv)
     ensure_process_group()
     try:
-        {"marginmse": _marginmse, "clip": _clip}[args.command](args)
+        {"marginmse": _marginmse, "clip": _clip, "supervised": _supervised}[args.command](args)
     finally:
         import torch.distributed as dist
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune.distributed import is_main, world
 from finetune.guards import divergence_callback, no_model_card_widgets, quiet_trainer_logs
 from tasks.labelled.eval_set import EvalSet
 from tasks.labelled.evaluation import LabelledReport, evaluate_labelled
@@ -99,6 +100,14 @@ class TrainSettings(BaseModel):
         "training texts that are not duplicates of the anchor (and score below 95% of the positive); 0: off",
     )
     seed: int = Field(0, description="random seed of training and data splits")
+    train_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes the final training runs on (torchrun, DDP over gloo): each takes an equal "
+        "share of every batch, the in-batch negatives of the MNRL losses come from all of them; search "
+        "trials run in one process; 1: in the flow's process",
+    )
 
     def resolved_loss(self, kind: str) -> str:
         return DEFAULT_LOSS[kind] if self.loss == "auto" else self.loss
@@ -251,13 +260,18 @@ def build_loss(model: Any, dataset_name: str, settings: TrainSettings, loss: str
     """The sentence-transformers loss module for one dataset."""
     from sentence_transformers.sentence_transformer import losses
 
+    # under torchrun every process's batch share is a negative for every anchor, as in one process
+    distributed = world()[1] > 1
     if dataset_name.startswith("mnrl"):
         module = (
             losses.CachedMultipleNegativesRankingLoss(
-                model, mini_batch_size=settings.mini_batch_size, show_progress_bar=False
+                model,
+                mini_batch_size=settings.mini_batch_size,
+                show_progress_bar=False,
+                gather_across_devices=distributed,
             )
             if loss == "cached-mnrl"
-            else losses.MultipleNegativesRankingLoss(model)
+            else losses.MultipleNegativesRankingLoss(model, gather_across_devices=distributed)
         )
     elif dataset_name == "contrastive":
         module = losses.OnlineContrastiveLoss(model)
@@ -377,7 +391,9 @@ def train_supervised(
         args = SentenceTransformerTrainingArguments(
             output_dir=str(scratch / "checkpoints"),
             num_train_epochs=settings.epochs,
-            per_device_train_batch_size=settings.batch_size,
+            # under torchrun (DDP) each process takes an equal share of a step's rows
+            per_device_train_batch_size=max(1, settings.batch_size // world()[1]),
+            ddp_backend="gloo" if world()[1] > 1 else None,
             learning_rate=settings.learning_rate,
             warmup_steps=settings.warmup_ratio,  # a float below 1: a share of the steps (transformers 5)
             lr_scheduler_type="linear",
@@ -410,9 +426,10 @@ def train_supervised(
             trainer.add_callback(EvaluateAtEnd())
         quiet_trainer_logs(trainer)
         trainer.train()
-        staged = scratch / "model"
-        model.save(str(staged), create_model_card=False)
-        staged.rename(output_dir)
+        if is_main():  # one writer: every process holds the same weights
+            staged = scratch / "model"
+            model.save(str(staged), create_model_card=False)
+            staged.rename(output_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TrainResult(

@@ -177,6 +177,11 @@ def train_supervised_task(prepared, settings, output_dir: str, split: str = "tra
     """Supervised fine-tuning on one prepared split (:func:`finetune.supervised.train_supervised`)."""
     from finetune.supervised import train_supervised
 
+    if settings.train_processes > 1:
+        from finetune.distributed import supervised_on_processes
+
+        get_run_logger().info("training on %d processes (torchrun, gloo)", settings.train_processes)
+        return supervised_on_processes(prepared, settings, output_dir, split, settings.train_processes)
     return train_supervised(prepared.load(split), settings, output_dir).to_dict()
 
 

@@ -296,6 +296,11 @@ def supervised_flow(config: SupervisedConfig) -> dict:
         "eval": prepared.eval_source,
         "loss": trained["loss"],
         "settings": settings_used.model_dump(mode="json"),
+        "training": {
+            "steps": trained.get("steps"),
+            "seconds": trained.get("seconds"),
+            "processes": trained.get("processes", 1),
+        },
         "metrics_before": before.metrics,
         "metrics_after": after.metrics,
         "before": before.to_dict(),

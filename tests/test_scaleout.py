@@ -279,3 +279,74 @@ def test_an_unreachable_cluster_stops_the_command_with_exit_2(
     err = capsys.readouterr().err
     assert "cannot use the Dask cluster at tcp://127.0.0.1:9" in err and "task_runner local" in err
     assert not (tmp_path / "ws" / "embeddings").exists()
+
+
+@pytest.mark.slow
+def test_flags_start_training_on_two_processes_from_the_flows(
+    prefect_harness, tmp_path, small_beir, quora_sample, tiny_bi_encoder
+):
+    """``--train-processes 2``: adapt text (MarginMSE) and adapt supervised (MNRL, in-batch negatives
+    gathered over both processes) train under torchrun, register the model and report as usual."""
+    from test_supervised_cli import subset
+
+    text_ws = tmp_path / "text"
+    code = main(
+        _text_args(
+            small_beir,
+            text_ws,
+            tiny_bi_encoder,
+            "--method",
+            "marginmse",
+            "--train-processes",
+            "2",
+            "--train-max-steps",
+            "2",
+            "--train-batch-size",
+            "4",
+            "--train-max-seq-length",
+            "32",
+            "--train-save-steps",
+            "2",
+            "--train-eval-fraction",
+            "0",
+            "--train-logging-steps",
+            "1",
+        )
+    )
+    assert code == 0
+    results = list((text_ws / "train").glob("*/result.json"))
+    assert len(results) == 1 and json.loads(results[0].read_text())["processes"] == 2
+    assert (results[0].parent / "torchrun.log").is_file()
+    report = json.loads(next((text_ws / "reports").glob("adapt-text-*.json")).read_text())
+    assert report["train"]["steps"] == 2 and report["method"] == "marginmse"
+
+    train = subset(quora_sample / "train.tsv", tmp_path / "train.tsv", 200)
+    evaluation = subset(quora_sample / "test.tsv", tmp_path / "test.tsv", 100)
+    supervised_ws = tmp_path / "supervised"
+    output = tmp_path / "supervised.json"
+    code = main(
+        [
+            "supervised",
+            "--train",
+            str(train),
+            "--eval",
+            str(evaluation),
+            "--model",
+            str(tiny_bi_encoder),
+            "--batch-size",
+            "16",
+            "--max-seq-length",
+            "32",
+            "--train-processes",
+            "2",
+            "--workspace",
+            str(supervised_ws),
+            "--output",
+            str(output),
+        ]
+    )
+    assert code == 0
+    report = json.loads(output.read_text())
+    assert report["training"]["processes"] == 2 and report["training"]["steps"] > 0
+    logs = list(supervised_ws.rglob("torchrun.log"))
+    assert len(logs) == 1
