@@ -13,26 +13,27 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from finetune.clip.config import ClipTrainConfig
 from finetune.clip.stage import tower_config
+from flows.engine import part_runner
 from flows.stages import (
     evaluate_catalog_model_task,
-    pairs_task,
     publish_catalog_report_task,
     train_catalog_encoder_task,
 )
 from tasks.catalog.evaluation import DEFAULT_ATTRIBUTE_QUERIES
-from tasks.catalog.pairs import DEFAULT_CAPTION_TEMPLATE
+from tasks.catalog.pairs import DECODE_PART_SIZE, DEFAULT_CAPTION_TEMPLATE, pairs_stage
 from tasks.core.defaults import BASE_MODEL, CATALOG_CLIP_MODEL_NAME, DEFAULT_WORKSPACE, IMAGE_SIZE
 from tasks.core.markdown import md, md_code
+from tasks.core.parts import EngineSettings
 from tasks.core.settings import require_path
 
 CATALOG_METRICS = Literal["attribute_ndcg@10", "caption_recall@10", "caption_mrr", "image_precision@10"]
 
 
-class ClipConfig(BaseModel):
+class ClipConfig(EngineSettings):
     """Settings of `adapt clip` and of the `adapt-clip` flow."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -70,6 +71,11 @@ class ClipConfig(BaseModel):
     )
     image_width: int = Field(
         IMAGE_SIZE[1], ge=16, le=512, description="width images are decoded at (see image height)"
+    )
+    image_part_size: int = Field(
+        DECODE_PART_SIZE,
+        ge=1,
+        description="products per part of image decoding (the unit of crash recovery and of a worker's task)",
     )
     heldout_fraction: float = Field(
         0.2,
@@ -145,8 +151,9 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
         other_templates=[*config.train.extra_caption_templates, *config.attribute_queries],
     )
     kind = model_kind(config.model)
-    with watch.stage("pairs (read, check, decode)") as stage:
-        pairs = pairs_task(
+    with watch.stage("pairs (read, check, decode)") as stage, part_runner(config, config.workspace) as parts:
+        # called in the flow, not as a task of its own: its parts are the tasks (on Dask, when asked)
+        pairs = pairs_stage(
             config.catalog,
             config.workspace,
             caption_template=config.caption_template,
@@ -155,6 +162,8 @@ def adapt_clip_flow(config: ClipConfig) -> dict:
             image_field=config.image_field,
             image_root=config.image_root,
             image_size=image_size,
+            decode_part_size=config.image_part_size,
+            parts=parts,
         )
         stage["items"] = pairs.rows
     logger.info(

@@ -27,7 +27,7 @@ from tasks.core.defaults import (
 )
 from tasks.core.evaluation import evaluate_modes, heldout_eval_set, served_mode
 from tasks.core.index import INDEX_DIR, index_corpus
-from tasks.core.parts import LOCAL, EngineSettings
+from tasks.core.parts import LOCAL, EngineSettings, encode_part_size_field
 from tasks.core.settings import deep_merge, require_beir_split, require_path
 from tasks.text.lists import ListConfig
 from tasks.text.negatives import MineConfig
@@ -103,6 +103,7 @@ class AdaptTextConfig(EngineSettings):
         "workspace, refused if its embeddings drift from PyTorch's)",
     )
     seed: int = Field(13, description="random seed for sampling and splitting")
+    encode_part_size: int = encode_part_size_field()
     method: Literal["listwise", "marginmse"] = Field(
         "listwise",
         description="listwise: the query side learns the teacher's order of each query's candidate "

@@ -39,7 +39,7 @@ from finetune.marginmse import TrainConfig
 from flows.engine import part_runner
 from flows.stages import progress_reporter, train_marginmse_task, train_query_side_task
 from tasks.core.defaults import BASE_MODEL, CATALOG_TEXT_MODEL_NAME, DEFAULT_WORKSPACE
-from tasks.core.parts import LOCAL, EngineSettings
+from tasks.core.parts import LOCAL, EngineSettings, encode_part_size_field
 from tasks.text.negatives import MineConfig
 from tasks.text.pseudo_labels import LabelConfig
 from tasks.text.queries import QGenConfig
@@ -115,6 +115,7 @@ class RefreshConfig(EngineSettings):
         1800.0, ge=0, description="how long a second refresh waits for a running one"
     )
     seed: int = Field(13, description="random seed")
+    encode_part_size: int = encode_part_size_field()
     qgen: QGenConfig = Field(default_factory=QGenConfig, description="query generation")
     mine: MineConfig = Field(default_factory=MineConfig, description="negative mining")
     label: LabelConfig = Field(default_factory=LabelConfig, description="pseudo-labels")

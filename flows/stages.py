@@ -13,7 +13,6 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.catalog.pairs import pairs_stage
 from tasks.catalog.report import evaluate_catalog_model, publish_catalog_report
 from tasks.core.corpus import read_beir
 from tasks.core.evaluation import evaluate_bm25, evaluate_model
@@ -25,7 +24,6 @@ evaluate_model_task = task(evaluate_model, name="evaluate-model", task_run_name=
 evaluate_bm25_task = task(evaluate_bm25, name="evaluate-bm25")
 prepare_labelled_task = task(prepare_labelled, name="prepare-labelled")
 evaluate_prepared_task = task(evaluate_prepared, name="evaluate-labelled", task_run_name="evaluate {system}")
-pairs_task = task(pairs_stage, name="catalog-pairs", task_run_name="pairs from {catalog_path}")
 evaluate_catalog_model_task = task(
     evaluate_catalog_model, name="evaluate-catalog-model", task_run_name="evaluate {system}"
 )

@@ -53,11 +53,11 @@ def _text_args(corpus, workspace, model, *extra):
     ]
 
 
-def _assert_same_stages(local: Store, other: Store) -> None:
+def _assert_same_stages(local: Store, other: Store, in_parts=STAGES_IN_PARTS) -> None:
     """Every stage of ``local`` has the same keys in ``other`` and the same rows: ids and texts exactly,
     embeddings to float rounding (a worker computes with one thread, the flow with two)."""
     stages = sorted(p.name for p in local.workspace.iterdir() if local.keys(p.name))
-    assert set(STAGES_IN_PARTS) <= set(stages)
+    assert set(in_parts) <= set(stages)
     for stage in stages:
         keys = local.keys(stage)
         assert sorted(other.keys(stage)) == sorted(keys), stage
@@ -117,6 +117,31 @@ def test_adapt_text_on_a_dask_cluster_equals_the_local_run_even_when_a_worker_di
     report_local = sorted((local / "reports").glob("adapt-text-*.json"))
     report_dask = sorted((distributed / "reports").glob("adapt-text-*.json"))
     assert len(report_local) == len(report_dask) == 1
+
+
+@pytest.mark.slow
+def test_adapt_clip_decodes_images_on_a_dask_cluster_as_in_one_process(
+    prefect_harness, tmp_path, fashion_sample
+):
+    """Image decoding in parts of 8 products on 2 worker processes: the decoded images (a bad one
+    included, with its reason) and the pairs equal the one-process run's."""
+    from test_adapt_clip import TINY
+    from test_pairs import small_catalog
+
+    catalog, _, images = small_catalog(tmp_path / "cat", fashion_sample, n=40)
+    (tmp_path / "cat" / "images" / images[5]).write_bytes(b"not an image")
+    runs = {}
+    for name, extra in {"local": [], "dask": ["--task-runner", "dask", "--dask-workers", "2"]}.items():
+        runs[name] = tmp_path / name
+        args = ["clip", "--catalog", str(catalog), "--workspace", str(runs[name]), "--image-part-size", "8"]
+        assert main([*args, *TINY, *extra]) == 0
+    local, distributed = Store(runs["local"]), Store(runs["dask"])
+    _assert_same_stages(local, distributed, in_parts=("decoded-images", "pairs"))
+    (key,) = local.keys("decoded-images")
+    assert len(local.manifest("decoded-images", key)["parts"]) == 5
+    decoded = local.read_pandas("decoded-images", key)
+    bad = decoded[decoded["pixels"].isna()]
+    assert len(bad) == 1 and bad["reason"].iloc[0]
 
 
 def test_a_workspace_workers_cannot_see_is_refused_before_any_work(tmp_path):

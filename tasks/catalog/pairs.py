@@ -34,6 +34,7 @@ from tasks.core.corpus import Corpus, DataError, Skipped, iter_records
 from tasks.core.defaults import IMAGE_SIZE
 from tasks.core.heldout import heldout_mask
 from tasks.core.markdown import md
+from tasks.core.parts import LOCAL, PartRunner, resumed_progress
 from tasks.core.products import read_catalog
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,12 @@ def build_pairs(
     id_field: str = "id",
     image_size: tuple[int, int] = IMAGE_SIZE,
     show_progress: bool = True,
+    decoded: Mapping[str, tuple[np.ndarray | None, str | None, bool]] | None = None,
 ) -> Pairs:
-    """Pairs from a catalog corpus: a caption per product and its checked, decoded image."""
+    """Pairs from a catalog corpus: a caption per product and its checked, decoded image.
+
+    ``decoded`` (product id -> what :func:`decode_image` gives, e.g. from :func:`decode_images_stage`)
+    saves decoding here; without it every image is decoded in this process."""
     from tqdm.auto import tqdm
 
     path = Path(catalog.source)
@@ -251,7 +256,9 @@ def build_pairs(
         tqdm(iterator, total=len(docs), desc="checking images", disable=not show_progress, mininterval=2.0)
     ):
         line = lines.get(doc.doc_id, 0)
-        image, reason, was_converted = decode_image(doc.image, image_size)
+        image, reason, was_converted = (
+            decoded[doc.doc_id] if decoded is not None else decode_image(doc.image, image_size)
+        )
         if image is None:
             bad.append(Skipped(str(path), line, doc.doc_id, f"{doc.image}: {reason}"))
             continue
@@ -354,6 +361,112 @@ class PairsRef:
     converted: int
 
 
+DECODED_STAGE = "decoded-images"
+DECODED_SCHEMA_FIELDS = ("doc_id", "pixels", "reason", "converted")
+DECODE_PART_SIZE = 512  # products per part: the unit of crash recovery and of a worker's task
+
+
+def decode_images_stage(
+    catalog: Corpus,
+    store: Any,
+    *,
+    image_size: tuple[int, int] = IMAGE_SIZE,
+    part_size: int = DECODE_PART_SIZE,
+    parts: PartRunner = LOCAL,
+    progress: Any = None,
+) -> Any:
+    """Every product's image decoded to ``image_size`` (or why not), as a stage in parts: each part a
+    job for ``parts`` (a Dask worker with ``task_runner: dask``; the images must be at the same paths
+    there). Returns the stage's StageRef; :func:`read_decoded` gives the id -> result map."""
+    import pyarrow as pa
+
+    from tasks.core.store import chunked, stage_key
+
+    settings = {"image_size": list(image_size), "part_size": part_size}
+    key = stage_key(DECODED_STAGE, settings, inputs=[catalog.key])
+    if store.is_complete(DECODED_STAGE, key):
+        return store.ref(DECODED_STAGE, key)
+    writer = store.open(DECODED_STAGE, key, config=settings, inputs=[catalog.key])
+    docs = catalog.docs
+    chunks = list(chunked(range(len(docs)), part_size))
+    jobs = [
+        DecodePart(
+            str(writer.path),
+            index,
+            [docs["doc_id"].iat[p] for p in positions],
+            [docs["image"].iat[p] for p in positions],
+            tuple(image_size),
+        )
+        for index, positions in chunks
+        if not writer.has_part(index)
+    ]
+    parts.run("decode images", jobs, resumed_progress(progress, len(chunks) - len(jobs), len(chunks)))
+    schema = pa.schema(
+        [("doc_id", pa.string()), ("pixels", pa.binary()), ("reason", pa.string()), ("converted", pa.bool_())]
+    )
+    return writer.commit(empty_schema=schema)
+
+
+@dataclass(frozen=True)
+class DecodePart:
+    """One part of the decoded-images stage: decode its products' images and write the part (pixels
+    as raw bytes, or null and why). Does nothing when the part exists."""
+
+    stage_dir: str
+    index: int
+    doc_ids: list[str]
+    images: list[Any]
+    image_size: tuple[int, int]
+
+    def __call__(self) -> int:
+        import pyarrow as pa
+
+        from tasks.core.store import part_name, write_parquet_atomic
+
+        target = Path(self.stage_dir) / part_name(self.index)
+        if target.is_file():
+            return 0
+        rows: dict[str, list[Any]] = {name: [] for name in DECODED_SCHEMA_FIELDS}
+        for doc_id, source in zip(self.doc_ids, self.images, strict=True):
+            pixels, reason, converted = decode_image(source, self.image_size)
+            rows["doc_id"].append(doc_id)
+            rows["pixels"].append(None if pixels is None else pixels.tobytes())
+            rows["reason"].append(reason)
+            rows["converted"].append(bool(converted))
+        table = pa.table(
+            {
+                "doc_id": pa.array(rows["doc_id"], pa.string()),
+                "pixels": pa.array(rows["pixels"], pa.binary()),
+                "reason": pa.array(rows["reason"], pa.string()),
+                "converted": pa.array(rows["converted"], pa.bool_()),
+            }
+        )
+        write_parquet_atomic(target, table)
+        return len(self.doc_ids)
+
+
+def read_decoded(
+    store: Any, ref: Any, image_size: tuple[int, int]
+) -> dict[str, tuple[np.ndarray | None, str | None, bool]]:
+    """Product id -> (pixels, why-bad, converted) of a committed decoded-images stage."""
+    table = store.read(ref.stage, ref.key)
+    shape = (*image_size, 3)
+    return {
+        doc_id: (
+            None if raw is None else np.frombuffer(raw, dtype=np.uint8).reshape(shape),
+            reason,
+            bool(converted),
+        )
+        for doc_id, raw, reason, converted in zip(
+            table.column("doc_id").to_pylist(),
+            table.column("pixels").to_pylist(),
+            table.column("reason").to_pylist(),
+            table.column("converted").to_pylist(),
+            strict=True,
+        )
+    }
+
+
 def pairs_stage(
     catalog_path: str | Path,
     workspace: str | Path,
@@ -365,8 +478,11 @@ def pairs_stage(
     image_root: str | Path | None = None,
     image_size: tuple[int, int] = IMAGE_SIZE,
     show_progress: bool = True,
+    decode_part_size: int = DECODE_PART_SIZE,
+    parts: PartRunner = LOCAL,
 ) -> PairsRef:
-    """Read a catalog, build its pairs and commit them to the store (reused when nothing changed)."""
+    """Read a catalog, build its pairs and commit them to the store (reused when nothing changed).
+    The images are decoded first, in parts run by ``parts`` (:func:`decode_images_stage`)."""
     from tasks.core.store import Store, stage_key
 
     start = time.time()
@@ -388,6 +504,9 @@ def pairs_stage(
     if not store.is_complete(PAIRS_STAGE, key):
         import pyarrow as pa
 
+        decoded_ref = decode_images_stage(
+            catalog, store, image_size=image_size, part_size=decode_part_size, parts=parts
+        )
         pairs = build_pairs(
             catalog,
             caption_template=caption_template,
@@ -395,6 +514,7 @@ def pairs_stage(
             id_field=id_field,
             image_size=image_size,
             show_progress=show_progress,
+            decoded=read_decoded(store, decoded_ref, image_size),
         )
         store.remove(PAIRS_STAGE, key)  # a crashed earlier attempt: start over (one part only)
         writer = store.open(PAIRS_STAGE, key, config=config, inputs=[catalog.key])

@@ -101,7 +101,11 @@ class EngineSettings(BaseModel):
     part_retries: int = Field(
         2, ge=0, le=10, description="dask: attempts after the first for a part whose worker failed"
     )
-    encode_part_size: int = Field(
+
+
+def encode_part_size_field() -> Any:
+    """The ``encode_part_size`` setting of the flows that encode a corpus in parts."""
+    return Field(
         ENCODE_PART_SIZE,
         ge=1,
         description="documents per part of the corpus embeddings (the unit of crash recovery and of a "
