@@ -2,13 +2,18 @@
 
 A diverged model is never saved as finished, so no flow registers it. For sentence-transformers /
 Hugging Face trainers :class:`DivergenceCallback` checks every logged loss (the trainer has no such
-stop of its own); hand-written loops call :func:`check_loss` each step.
+stop of its own); hand-written loops call :func:`check_loss` each step. The trainers' time budget
+(:class:`TimeBudget`) and step progress (:class:`StepProgress`) callbacks live here too.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Any
+
+from finetune.distributed import agreed
 
 
 class TrainingDivergedError(RuntimeError):
@@ -60,3 +65,47 @@ def no_model_card_widgets(model: Any) -> None:
         # the trainer computes them at its start whenever the card has none yet: give it one
         if hasattr(card, "widget") and not card.widget:
             card.widget = [{"text": "widget examples are not computed by domain-adapt"}]
+
+
+class TimeBudget:
+    """Trainer callback: stop after a wall-clock budget (the model so far is kept)."""
+
+    def __init__(self, minutes: float | None):
+        self.deadline = time.time() + minutes * 60 if minutes else None
+        self.hit = False
+
+    def make(self):
+        from transformers import TrainerCallback
+
+        budget = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                # on several processes rank 0's clock decides, so they all stop at the same step
+                if budget.deadline and agreed(float(time.time() > budget.deadline)):
+                    budget.hit = True
+                    control.should_training_stop = True
+                    control.should_save = True
+                return control
+
+        return Callback()
+
+
+class StepProgress:
+    """Trainer callback: report (step, total steps) to the caller."""
+
+    def __init__(self, report: Callable[[int, int], None] | None):
+        self.report = report
+
+    def make(self):
+        from transformers import TrainerCallback
+
+        report = self.report
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if report:
+                    report(state.global_step, state.max_steps)
+                return control
+
+        return Callback()

@@ -29,8 +29,15 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.distributed import agreed, is_main, world
-from finetune.guards import check_loss, divergence_callback, no_model_card_widgets, quiet_trainer_logs
+from finetune.distributed import is_main, processes_field, world
+from finetune.guards import (
+    StepProgress,
+    TimeBudget,
+    check_loss,
+    divergence_callback,
+    no_model_card_widgets,
+    quiet_trainer_logs,
+)
 from tasks import _env  # noqa: F401
 from tasks.core.store import write_json_atomic
 
@@ -78,13 +85,7 @@ class TrainConfig(BaseModel):
     save_steps: int = Field(50, ge=1, description="checkpoint every this many steps (a rerun resumes there)")
     logging_steps: int = Field(10, ge=1, description="record the training loss every this many steps")
     seed: int = Field(13, description="random seed")
-    processes: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="processes to train on (torchrun, DDP over gloo), each taking an equal share of every "
-        "step's queries; 1: in the flow's process (MarginMSE on both sides only)",
-    )
+    processes: int = processes_field(" (DDP; MarginMSE on both sides only)")
 
     def key_settings(self) -> dict[str, Any]:
         """The settings that decide the trained model (a stage key's part): not how many processes ran."""
@@ -187,50 +188,6 @@ def _to_dataset(rows: TrainingRows, indices: Sequence[int], negatives: int, scal
     return Dataset.from_dict(columns)
 
 
-class _TimeBudget:
-    """Trainer callback: stop after a wall-clock budget (the model so far is kept)."""
-
-    def __init__(self, minutes: float | None):
-        self.deadline = time.time() + minutes * 60 if minutes else None
-        self.hit = False
-
-    def make(self):
-        from transformers import TrainerCallback
-
-        budget = self
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                # on several processes rank 0's clock decides, so they all stop at the same step
-                if budget.deadline and agreed(float(time.time() > budget.deadline)):
-                    budget.hit = True
-                    control.should_training_stop = True
-                    control.should_save = True
-                return control
-
-        return Callback()
-
-
-class _Progress:
-    """Trainer callback: report (step, total steps) to the caller."""
-
-    def __init__(self, report: Callable[[int, int], None] | None):
-        self.report = report
-
-    def make(self):
-        from transformers import TrainerCallback
-
-        report = self.report
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if report:
-                    report(state.global_step, state.max_steps)
-                return control
-
-        return Callback()
-
-
 def train_marginmse(
     base_model: Any,
     rows: TrainingRows,
@@ -318,14 +275,14 @@ def train_marginmse(
         save_only_model=False,
     )
     no_model_card_widgets(model)
-    budget = _TimeBudget(config.time_budget_minutes)
+    budget = TimeBudget(config.time_budget_minutes)
     trainer = SentenceTransformerTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         loss=MarginMSELoss(model),
-        callbacks=[budget.make(), _Progress(progress).make(), divergence_callback()],
+        callbacks=[budget.make(), StepProgress(progress).make(), divergence_callback()],
     )
     quiet_trainer_logs(trainer)
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune.distributed import is_main, world
+from finetune.distributed import is_main, processes_field, world
 from finetune.guards import divergence_callback, no_model_card_widgets, quiet_trainer_logs
 from tasks.labelled.eval_set import EvalSet
 from tasks.labelled.evaluation import LabelledReport, evaluate_labelled
@@ -100,13 +100,8 @@ class TrainSettings(BaseModel):
         "training texts that are not duplicates of the anchor (and score below 95% of the positive); 0: off",
     )
     seed: int = Field(0, description="random seed of training and data splits")
-    train_processes: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="processes the final training runs on (torchrun, DDP over gloo): each takes an equal "
-        "share of every batch, the in-batch negatives of the MNRL losses come from all of them; search "
-        "trials run in one process; 1: in the flow's process",
+    train_processes: int = processes_field(
+        " (the MNRL losses' in-batch negatives from all); the final training only, not search trials"
     )
 
     def resolved_loss(self, kind: str) -> str:
@@ -492,13 +487,8 @@ def _per_dataset_sampler(dataset, batch_size, drop_last, valid_label_columns=Non
     )
     from torch.utils.data import RandomSampler
 
-    kwargs = {
-        "batch_size": batch_size,
-        "drop_last": drop_last,
-        "valid_label_columns": valid_label_columns,
-        "generator": generator,
-        "seed": seed,
-    }
+    kwargs = dict(batch_size=batch_size, drop_last=drop_last, generator=generator, seed=seed)
+    kwargs["valid_label_columns"] = valid_label_columns
     columns = set(dataset.column_names)
     if GROUP_COLUMN in columns:
         return NoDuplicatesBatchSampler(dataset, **kwargs)

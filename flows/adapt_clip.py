@@ -24,7 +24,8 @@ from flows.stages import (
     train_catalog_encoder_task,
 )
 from tasks.catalog.evaluation import DEFAULT_ATTRIBUTE_QUERIES
-from tasks.catalog.pairs import DECODE_PART_SIZE, DEFAULT_CAPTION_TEMPLATE, pairs_stage
+from tasks.catalog.images import DECODE_PART_SIZE
+from tasks.catalog.pairs import DEFAULT_CAPTION_TEMPLATE, pairs_stage
 from tasks.core.defaults import BASE_MODEL, CATALOG_CLIP_MODEL_NAME, DEFAULT_WORKSPACE, IMAGE_SIZE
 from tasks.core.markdown import md, md_code
 from tasks.core.parts import EngineSettings

@@ -67,7 +67,7 @@ def train_marginmse_task(
     from tasks.core.models import load_sentence_transformer
 
     if config.processes > 1:  # torchrun: the processes fit the label scale themselves
-        from finetune.distributed import marginmse_on_processes
+        from finetune.launch import marginmse_on_processes
 
         get_run_logger().info("training on %d processes (torchrun, gloo)", config.processes)
         return marginmse_on_processes(base_path, rows, config, output_dir, config.processes)
@@ -159,7 +159,7 @@ def train_catalog_encoder_task(model: str, pairs_path: str, config, **settings) 
             logger.info("step %d: loss %.4f", step, loss)
 
     if config.processes > 1:
-        from finetune.distributed import clip_on_processes
+        from finetune.launch import clip_on_processes
 
         logger.info("training on %d processes (torchrun, gloo)", config.processes)
         return clip_on_processes(model, pairs_path, config, config.processes, **settings)
@@ -176,7 +176,7 @@ def train_supervised_task(prepared, settings, output_dir: str, split: str = "tra
     from finetune.supervised import train_supervised
 
     if settings.train_processes > 1:
-        from finetune.distributed import supervised_on_processes
+        from finetune.launch import supervised_on_processes
 
         get_run_logger().info("training on %d processes (torchrun, gloo)", settings.train_processes)
         return supervised_on_processes(prepared, settings, output_dir, split, settings.train_processes)

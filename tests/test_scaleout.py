@@ -202,7 +202,7 @@ def test_marginmse_on_two_processes_saves_a_model_that_loads_and_is_reused(tmp_p
     a rerun reads the finished run back without training."""
     from sentence_transformers import SentenceTransformer
 
-    from finetune.distributed import marginmse_on_processes
+    from finetune.launch import marginmse_on_processes
     from finetune.marginmse import TrainConfig
 
     config = TrainConfig(
@@ -241,7 +241,7 @@ def test_clip_on_two_processes_takes_the_loss_over_both_processes_embeddings(tmp
 
     from finetune.clip.config import ClipTrainConfig
     from finetune.clip.stage import train_stage
-    from finetune.distributed import clip_on_processes
+    from finetune.launch import clip_on_processes
     from tasks.catalog.encoders import load_catalog_encoder
     from tasks.catalog.pairs import pairs_stage
 

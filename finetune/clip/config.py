@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune.distributed import processes_field
+
 log = logging.getLogger(__name__)
 
 
@@ -119,13 +121,7 @@ class ClipTrainConfig(BaseModel):
         200, ge=1, description="steps between checkpoints (also written at each epoch's end)"
     )
     seed: int = Field(0, description="seed of initialisation, batch order and augmentations")
-    processes: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="processes to train on (torchrun over gloo): each encodes an equal share of every "
-        "batch and the loss uses all of their embeddings; 1: in the flow's process",
-    )
+    processes: int = processes_field(" (the loss over every process's embeddings)")
 
     def key_settings(self) -> dict[str, Any]:
         """The settings that decide the trained model (a stage key's part): not how many processes ran."""

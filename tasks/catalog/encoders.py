@@ -59,7 +59,7 @@ def _unit_rows(array: Any) -> np.ndarray:
 
 def images_to_array(images: Any, size: tuple[int, int]) -> np.ndarray:
     """Paths, PIL images or a uint8 NHWC array -> uint8 array of shape (N, height, width, 3)."""
-    from tasks.catalog.pairs import decode_image
+    from tasks.catalog.images import decode_image
 
     if isinstance(images, np.ndarray):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -85,7 +85,7 @@ def images_to_pil(images: Any) -> list[Any]:
     """Paths, PIL images or a uint8 NHWC array -> RGB PIL images at their own size."""
     from PIL import Image
 
-    from tasks.catalog.pairs import open_rgb
+    from tasks.catalog.images import open_rgb
 
     out = []
     for image in images:
