@@ -242,15 +242,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervised.add_argument("--result", required=True, help="the run's result is written here as JSON")
     args = parser.parse_args(argv)
     ensure_process_group()
-    try:
-        {"marginmse": _marginmse, "clip": _clip, "supervised": _supervised}[args.command](args)
-    finally:
-        import torch.distributed as dist
+    {"marginmse": _marginmse, "clip": _clip, "supervised": _supervised}[args.command](args)
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():  # every process done (rank 0 has written), then leave the group together
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown: a trainer's or gloo's background thread still
+    joinable at exit aborts the process (SIGABRT, measured here), and torchrun then kills the others
+    and reports a failed run although every result is written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

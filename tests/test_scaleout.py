@@ -375,3 +375,27 @@ def test_flags_start_training_on_two_processes_from_the_flows(
     assert report["training"]["processes"] == 2 and report["training"]["steps"] > 0
     logs = list(supervised_ws.rglob("torchrun.log"))
     assert len(logs) == 1
+
+
+@pytest.mark.slow
+def test_marginmse_on_two_processes_resumes_from_its_checkpoint(tmp_path, tiny_bi_encoder):
+    """A run cut off after its step-2 checkpoint (its model and result gone) resumes there on 2
+    processes, as a one-process run does, and finishes the steps left."""
+    import shutil
+
+    from finetune.launch import marginmse_on_processes
+    from finetune.marginmse import TrainConfig
+
+    settings = dict(
+        batch_size=4, negatives_per_query=2, max_seq_length=32, save_steps=2, eval_fraction=0, label_scale=0.1
+    )
+    out = tmp_path / "train"
+    marginmse_on_processes(str(tiny_bi_encoder), _margin_rows(), TrainConfig(max_steps=2, **settings), out, 2)
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    shutil.rmtree(out / "model")
+    (out / "result.json").unlink()  # as if the run had stopped right after the checkpoint
+    result = marginmse_on_processes(
+        str(tiny_bi_encoder), _margin_rows(), TrainConfig(max_steps=4, **settings), out, 2
+    )
+    assert result.steps == 4 and result.resumed_from and result.resumed_from.endswith("checkpoint-2")
+    assert (out / "model").is_dir()
