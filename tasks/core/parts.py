@@ -1,11 +1,12 @@
 """Running a stage's parts: one after another in this process, or one task per part on a cluster.
 
-A stage that works in stored parts (corpus encoding, query generation) describes each part it has
-not finished as a *part job*: a small, picklable callable that computes its slice of the input and
-writes ``part-NNNNN.parquet`` of the stage (atomically, under a temporary name). A part job is
-idempotent: it does nothing when its part exists, so a part that a crashed worker left unfinished
-is rerun by the next attempt, and a part that finished is never recomputed. Two jobs never write the
-same part: each part index belongs to exactly one job.
+A stage that works in stored parts (corpus encoding, query generation, negative mining, labelling,
+candidate lists, image decoding) describes each part it has not finished as a *part job*: a small,
+picklable callable that computes its slice of the input and writes ``part-NNNNN.parquet`` of the
+stage (atomically, under a temporary name). A part job is idempotent: it does nothing when its part
+exists, so a part that a crashed worker left unfinished is rerun by the next attempt, and a part
+that finished is never recomputed. Two jobs never write the same part: each part index belongs to
+exactly one job.
 
 The stage hands its jobs to a :class:`PartRunner`. :class:`LocalParts` runs them here, in order; the
 flows' Prefect runner (``flows/engine.py``) submits one Prefect task per job to a Dask cluster.
@@ -87,8 +88,8 @@ class EngineSettings(BaseModel):
     task_runner: Literal["local", "dask"] = Field(
         "local",
         description="local: every part in the flow's process; dask: one Prefect task per part of corpus "
-        "encoding and query generation on a Dask cluster (the workspace must be on a filesystem every "
-        "worker mounts at the same path)",
+        "encoding, query generation, negative mining, labelling, candidate lists and image decoding on "
+        "a Dask cluster (the workspace must be on a filesystem every worker mounts at the same path)",
     )
     dask_address: str | None = Field(
         None,
@@ -116,7 +117,8 @@ def encode_part_size_field() -> Any:
 # ------------------------------------------------------------------ per-process model caches
 
 _BUILT: dict[Any, Any] = {}
-_BUILT_LOCK = threading.Lock()
+# re-entrant: a build may itself build what it uses (a teacher builds its encoders), in one thread
+_BUILT_LOCK = threading.RLock()
 
 
 def built_once(key: Any, build: Callable[[], Any]) -> Any:
