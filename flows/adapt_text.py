@@ -7,6 +7,7 @@ the store, so a rerun with the same inputs does no work and a crash resumes at t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -213,8 +214,10 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
     cache = cache_of(doc_encoder, documents, config.mine.max_seq_length)
     query_cache = cache if doc_encoder is encoder else cache_of(encoder, start, config.mine.max_seq_length)
 
-    # --- 1. corpus embeddings and queries, the per-part stages (on a Dask cluster with task_runner dask)
-    with part_runner(config, config.workspace) as parts:
+    # --- 1. corpus embeddings, queries (and below, candidate lists): the per-part stages, on a Dask
+    # cluster with task_runner dask (open until the lists are done)
+    with contextlib.ExitStack() as engine:  # closed by the training step once its lists are done
+        parts = engine.enter_context(part_runner(config, config.workspace))
         pipeline = LabelPipeline(
             corpus,
             cache,
@@ -228,37 +231,37 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
         )
         logger.info("offline teacher: %s", pipeline.teacher_weight.describe())
         queries_ref, queries = pipeline.queries()
-        pipeline.parts = LOCAL  # the cluster closes here
-    manifest = queries_ref.manifest
-    logger.info("queries: %d kept of %d generated", len(queries), manifest.get("generated", len(queries)))
-    if queries.empty:
-        raise ValueError(
-            "no query survived generation and filtering; lower qgen.consistency_top_k or check the corpus"
-        )
+        manifest = queries_ref.manifest
+        logger.info("queries: %d kept of %d generated", len(queries), manifest.get("generated", len(queries)))
+        if queries.empty:
+            raise ValueError(
+                "no query survived generation and filtering; lower qgen.consistency_top_k or check the corpus"
+            )
 
-    # --- evaluation set: the user's judgments, or generated queries of held-out documents. Queries of
-    # held-out and probe documents are never trained on, whichever evaluation set is used.
-    train_queries, heldout = pipeline.split_queries(queries, config.max_heldout_queries, config.seed)
-    if user_eval is not None:
-        eval_data = user_eval
-        eval_note = (
-            f"the user's queries and judgments: {config.eval} [{config.eval_split}], "
-            f"{len(eval_data.queries)} queries"
-        )
-    else:
-        eval_data = heldout_eval_set(corpus, heldout)
-        eval_note = (
-            f"held-out generated queries ({len(heldout)} queries from {config.heldout_fraction:.0%} of the "
-            "documents, never trained on; relevant = the document each was generated from)"
-        )
-    if config.max_train_queries and len(train_queries) > config.max_train_queries:
-        train_queries = train_queries.sample(n=config.max_train_queries, random_state=config.seed)
-    train_ids = sorted(train_queries["query_id"])
+        # --- evaluation set: the user's judgments, or generated queries of held-out documents. Queries of
+        # held-out and probe documents are never trained on, whichever evaluation set is used.
+        train_queries, heldout = pipeline.split_queries(queries, config.max_heldout_queries, config.seed)
+        if user_eval is not None:
+            eval_data = user_eval
+            eval_note = (
+                f"the user's queries and judgments: {config.eval} [{config.eval_split}], "
+                f"{len(eval_data.queries)} queries"
+            )
+        else:
+            eval_data = heldout_eval_set(corpus, heldout)
+            eval_note = (
+                f"held-out generated queries ({len(heldout)} queries from {config.heldout_fraction:.0%} of the "
+                "documents, never trained on; relevant = the document each was generated from)"
+            )
+        if config.max_train_queries and len(train_queries) > config.max_train_queries:
+            train_queries = train_queries.sample(n=config.max_train_queries, random_state=config.seed)
+        train_ids = sorted(train_queries["query_id"])
 
-    # --- 2.-4. labels and training
-    trained_run = (_train_listwise if config.method == "listwise" else _train_marginmse)(
-        config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch
-    )
+        # --- 2.-4. labels and training
+        trained_run = (_train_listwise if config.method == "listwise" else _train_marginmse)(
+            config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch, engine
+        )
+    pipeline.parts = LOCAL
     result, labels_key = trained_run["result"], trained_run["labels_key"]
 
     # --- 5. evaluate before/after (dense and hybrid), register and gate
@@ -372,11 +375,16 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
     return summary
 
 
-def _train_listwise(config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch) -> dict:
-    """Candidate lists for the training queries, then listwise training of the query side."""
+def _train_listwise(
+    config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch, engine
+) -> dict:
+    """Candidate lists for the training queries (on the cluster, if any, which closes then), then
+    listwise training of the query side."""
     from finetune.listwise import CandidateLists
 
     lists_ref, table = pipeline.lists(queries_ref, train_ids, config.lists)
+    engine.close()
+    pipeline.parts = LOCAL
     doc_ids, doc_vectors = pipeline.doc_embeddings
     row_of = {d: i for i, d in enumerate(doc_ids)}
     lists = CandidateLists.from_table(
@@ -396,13 +404,18 @@ def _train_listwise(config, pipeline, queries_ref, queries, train_ids, start, qu
     return {"result": result, "labels_key": lists_ref.key}
 
 
-def _train_marginmse(config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch) -> dict:
-    """Negatives and margins for the training queries, then MarginMSE on both sides (GPL)."""
+def _train_marginmse(
+    config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch, engine
+) -> dict:
+    """Negatives and margins for the training queries (on the cluster, if any, which closes then),
+    then MarginMSE on both sides (GPL)."""
     from finetune.marginmse import TrainingRows, cached_student_margins
     from tasks.core.store import stage_key
     from tasks.text.pipeline import training_table
 
     labels_ref, labels = pipeline.labels(queries_ref, train_ids)
+    engine.close()
+    pipeline.parts = LOCAL
     rows = TrainingRows.from_table(training_table(labels, queries, pipeline.corpus))
     key = stage_key("train", config.train.key_settings(), inputs=[labels_ref.key], models=[start.fingerprint])
     result = watch.run(

@@ -204,7 +204,8 @@ def _refresh(config: RefreshConfig, folder: Path) -> dict:
         if delta_ids
         else None
     )
-    # the per-part stages: the catalog's embeddings, and queries for the new and changed products only
+    # the per-part stages (on the cluster with task_runner dask): the catalog's embeddings; queries,
+    # negatives and labels for the new and changed products only
     with part_runner(config, config.workspace) as parts:
         pipeline = LabelPipeline(
             catalog,
@@ -217,26 +218,26 @@ def _refresh(config: RefreshConfig, folder: Path) -> dict:
             encode_stage="encode catalog",
             parts=parts,
         )
-        queries_ref, queries = pipeline.queries(delta) if delta is not None else (None, None)
-        pipeline.parts = LOCAL  # the cluster closes here
-    summary["encoded"] = pipeline.embeddings_ref.manifest.get("encoded")
+        summary["encoded"] = pipeline.embeddings_ref.manifest.get("encoded")
 
-    # --- only the new and changed products get queries, negatives and labels
-    stages = list(state.stages)
-    if delta is not None:
-        stages.append({"queries": queries_ref.key, "labels": None, "docs": sorted(delta_ids)})
-        # counted from the store: products whose queries were generated in this run but had not changed
-        summary["recomputed_unchanged"] = int(
-            queries.loc[queries["doc_id"].isin(unchanged), "doc_id"].nunique()
-        )
-        train_queries, _ = split_heldout_queries(
-            queries, config.heldout_fraction, len(queries), seed=config.seed
-        )
-        if len(train_queries):
-            labels_ref, _ = pipeline.labels(queries_ref, sorted(train_queries["query_id"]))
-            stages[-1]["labels"] = labels_ref.key
-    else:
-        logger.info("only removals: the index is updated, nothing to train")
+        # --- only the new and changed products get queries, negatives and labels
+        queries_ref, queries = pipeline.queries(delta) if delta is not None else (None, None)
+        stages = list(state.stages)
+        if delta is not None:
+            stages.append({"queries": queries_ref.key, "labels": None, "docs": sorted(delta_ids)})
+            # counted from the store: products whose queries were generated in this run but had not changed
+            summary["recomputed_unchanged"] = int(
+                queries.loc[queries["doc_id"].isin(unchanged), "doc_id"].nunique()
+            )
+            train_queries, _ = split_heldout_queries(
+                queries, config.heldout_fraction, len(queries), seed=config.seed
+            )
+            if len(train_queries):
+                labels_ref, _ = pipeline.labels(queries_ref, sorted(train_queries["query_id"]))
+                stages[-1]["labels"] = labels_ref.key
+        else:
+            logger.info("only removals: the index is updated, nothing to train")
+        pipeline.parts = LOCAL  # the cluster closes here
 
     # --- the live data, the held-out queries, the towers to train
     queries_all, all_labels = live_training_data(store, stages, set(catalog.ids), set(diff["changed"]))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from flows.cli import main
@@ -12,7 +14,7 @@ from tasks.core.store import Store
 
 from helpers import write_beir_subset
 
-STAGES_IN_PARTS = ("embeddings", "queries")
+STAGES_IN_PARTS = ("embeddings", "queries", "lists")
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +51,15 @@ def _text_args(corpus, workspace, model, *extra):
         "8",
         "--qgen-part-size",
         "8",
+        "--lists-part-size",
+        "32",
         *extra,
     ]
 
 
 def _assert_same_stages(local: Store, other: Store, in_parts=STAGES_IN_PARTS) -> None:
     """Every stage of ``local`` has the same keys in ``other`` and the same rows: ids and texts exactly,
-    embeddings to float rounding (a worker computes with one thread, the flow with two)."""
+    embeddings and scores to float rounding (a worker computes with one thread, the flow with two)."""
     stages = sorted(p.name for p in local.workspace.iterdir() if local.keys(p.name))
     assert set(in_parts) <= set(stages)
     for stage in stages:
@@ -66,8 +70,10 @@ def _assert_same_stages(local: Store, other: Store, in_parts=STAGES_IN_PARTS) ->
             assert mine.schema == theirs.schema and mine.num_rows == theirs.num_rows, stage
             for name in mine.column_names:
                 a, b = mine.column(name).to_pylist(), theirs.column(name).to_pylist()
-                if name == "embedding":
-                    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+                kind = mine.schema.field(name).type
+                kind = getattr(kind, "value_type", kind)  # a list's items
+                if pa.types.is_floating(kind):
+                    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=stage)
                 else:
                     assert a == b, (stage, name)
             assert local.manifest(stage, key)["parts"] == other.manifest(stage, key)["parts"]
@@ -109,14 +115,114 @@ def test_adapt_text_on_a_dask_cluster_equals_the_local_run_even_when_a_worker_di
         killed_pid = int((faults / "killed").read_text().split()[0])
         assert killed_pid in pids_before  # one of the two workers died mid-stage...
         client.wait_for_workers(2, timeout=60)  # ...and its nanny started a new one
-    # 60 documents in parts of 8: 8 encoding parts and 8 query parts, each started at least once,
-    # the killed one twice
+    # every part of the per-part stages ran as a task on the cluster, the killed one twice: 60
+    # documents in parts of 8 (8 encoding and 8 query parts) and the training queries' candidate
+    # lists in parts of 32
+    store = Store(distributed)
+    parts = {
+        stage: sum(len(store.manifest(stage, key)["parts"]) for key in store.keys(stage))
+        for stage in STAGES_IN_PARTS
+    }
+    assert parts["embeddings"] == parts["queries"] == 8 and parts["lists"] >= 2, parts
     started = len(list(faults.glob("started-*")))
-    assert started >= 16 + 1
-    _assert_same_stages(Store(local), Store(distributed))
+    assert started >= sum(parts.values()) + 1
+    _assert_same_stages(Store(local), store)
     report_local = sorted((local / "reports").glob("adapt-text-*.json"))
     report_dask = sorted((distributed / "reports").glob("adapt-text-*.json"))
     assert len(report_local) == len(report_dask) == 1
+
+
+@pytest.mark.slow
+def test_gpl_mining_and_labelling_run_on_a_dask_cluster_as_in_one_process(
+    prefect_harness, tmp_path, small_beir, tiny_bi_encoder
+):
+    """Method marginmse on 2 worker processes: negatives and labels are computed in parts on the
+    workers (which rebuild the embeddings, the FAISS and BM25 indexes and the teacher from the
+    workspace); the worker that starts the second mining part dies on the spot. The run finishes and
+    every stage equals the one-process run's."""
+    from dask_faults import KillWorkerOnce
+    from distributed import Client, LocalCluster
+
+    gpl = [
+        "--method",
+        "marginmse",
+        "--train-max-steps",
+        "1",
+        "--train-batch-size",
+        "4",
+        "--train-max-seq-length",
+        "32",
+        "--train-eval-fraction",
+        "0",
+        "--mine-part-size",
+        "16",
+        "--label-part-size",
+        "16",
+    ]
+    local = tmp_path / "local"
+    assert main(_text_args(small_beir, local, tiny_bi_encoder, *gpl)) == 0
+    faults, distributed = tmp_path / "faults", tmp_path / "dask"
+    faults.mkdir()
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        # 8 encoding and 8 query parts come first: task 18 is the second part of negative mining
+        client.register_plugin(KillWorkerOnce(str(faults), at=18))
+        address = ["--task-runner", "dask", "--dask-address", cluster.scheduler_address]
+        assert main(_text_args(small_beir, distributed, tiny_bi_encoder, *gpl, *address)) == 0
+    store = Store(distributed)
+    parts = {
+        stage: sum(len(store.manifest(stage, key)["parts"]) for key in store.keys(stage))
+        for stage in ("embeddings", "queries", "negatives", "labels")
+    }
+    # a worker died, and it died in mining: 16 tasks came before mining's
+    assert (faults / "killed").is_file() and parts["embeddings"] + parts["queries"] == 16
+    assert parts["negatives"] >= 2 and parts["labels"] >= 2, parts
+    # every part ran as a task on the cluster, the killed one twice
+    assert len(list(faults.glob("started-*"))) >= sum(parts.values()) + 1
+    _assert_same_stages(Store(local), store, in_parts=tuple(parts))
+    # the workers read the corpus from the workspace: the one stage only the cluster run has
+    assert store.keys("corpus-texts") and not Store(local).keys("corpus-texts")
+
+
+@pytest.mark.slow
+def test_catalog_refresh_runs_its_parts_on_a_dask_cluster_as_in_one_process(
+    prefect_harness, tmp_path, fashion_sample, tiny_bi_encoder
+):
+    """catalog-refresh with the consistency filter on 2 worker processes: encoding, query generation
+    (each part filtered by a teacher the worker builds from the workspace), mining and labelling run
+    as parts on the workers; the worker that starts the second query part dies. Every stage equals
+    the one-process refresh's."""
+    from dask_faults import KillWorkerOnce
+    from distributed import Client, LocalCluster
+    from test_catalog_refresh import _refresh, _write_catalog
+
+    with (fashion_sample / "styles.csv").open() as handle:
+        rows = list(csv.DictReader(handle))[:60]
+    catalog = _write_catalog(rows, tmp_path / "styles.csv")
+    sizes = ["--encode-part-size", "16", "--qgen-part-size", "16", "--mine-part-size", "32"]
+    sizes += ["--label-part-size", "32"]
+    local, distributed, faults = tmp_path / "local", tmp_path / "dask", tmp_path / "faults"
+    images = fashion_sample / "images"
+    assert _refresh(catalog, local, tiny_bi_encoder, *sizes, image_root=images) == 0
+    faults.mkdir()
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(KillWorkerOnce(str(faults), at=6))  # 4 encoding parts come first
+        address = ["--task-runner", "dask", "--dask-address", cluster.scheduler_address]
+        assert _refresh(catalog, distributed, tiny_bi_encoder, *sizes, *address, image_root=images) == 0
+    store = Store(distributed)
+    parts = {
+        stage: sum(len(store.manifest(stage, key)["parts"]) for key in store.keys(stage))
+        for stage in ("embeddings", "queries", "negatives", "labels")
+    }
+    assert (faults / "killed").is_file() and parts["embeddings"] == parts["queries"] == 4, parts
+    assert parts["negatives"] >= 2 and parts["labels"] >= 2, parts
+    assert len(list(faults.glob("started-*"))) >= sum(parts.values()) + 1
+    _assert_same_stages(Store(local), store, in_parts=tuple(parts))
 
 
 @pytest.mark.slow

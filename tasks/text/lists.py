@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.corpus import Corpus
+from tasks.core.parts import LOCAL, PartRunner, resumed_progress
 from tasks.core.store import StageRef, Store, chunked, selection_digest, stage_key
 
 log = logging.getLogger(__name__)
@@ -80,12 +82,15 @@ def list_stage(
     *,
     rescore: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    parts: PartRunner = LOCAL,
 ) -> StageRef:
     """Candidate lists for ``query_ids`` (a subset of a queries stage).
 
     ``ranker.rank_rows(texts)`` scores texts against every corpus document (the offline teacher, in
     corpus order); ``rescore(queries, passages)`` re-scores the chosen pairs (a cross-encoder), else
-    the ranker's scores are the labels. ``fingerprint`` names the teacher (it keys the stage).
+    the ranker's scores are the labels. ``fingerprint`` names the teacher (it keys the stage). With a
+    distributed ``parts`` runner and a ranker that is a spec (:class:`tasks.text.teachers.TeacherSpec`)
+    each part is a job for a worker; a cross-encoder's re-scoring runs here.
     """
     selection = selection_digest(query_ids)
     settings = {**config.model_dump(mode="json"), "selection": selection}
@@ -95,35 +100,77 @@ def list_stage(
     queries = (
         store.read_pandas("queries", queries_ref.key).set_index("query_id").loc[list(query_ids)].reset_index()
     )
-    doc_ids, texts = corpus.ids, corpus.texts()
-    row_of = {d: i for i, d in enumerate(doc_ids)}
     writer = store.open(
         "lists", key, config=settings, inputs=[queries_ref.key, corpus.key], models=[fingerprint]
     )
-    parts = list(chunked(range(len(queries)), config.part_size))
-    for part, members in parts:
-        if not writer.has_part(part):
-            block = queries.iloc[list(members)]
-            rng = np.random.default_rng([config.seed, part])
-            rows = np.array(ranker.rank_rows(block["text"].tolist()), dtype=np.float32)
-            if not config.include_source:
-                rows[np.arange(len(rows)), [row_of[d] for d in block["doc_id"]]] = -np.inf
-            positions, scores = choose_candidates(rows, config.top, config.sampled, rng)
-            if rescore is not None:
-                pairs_q = [q for q in block["text"] for _ in range(positions.shape[1])]
-                pairs_p = [texts[p] for p in positions.reshape(-1)]
-                scores = np.asarray(rescore(pairs_q, pairs_p), dtype=np.float32).reshape(positions.shape)
-            writer.write_part(
-                part,
-                pa.Table.from_pydict(
-                    {
-                        "query_id": block["query_id"].tolist(),
-                        "doc_ids": [[doc_ids[p] for p in row] for row in positions],
-                        "scores": [row.tolist() for row in scores],
-                    },
-                    schema=LISTS_SCHEMA,
-                ),
-            )
-        if progress:
-            progress(part + 1, len(parts))
+    chunks = list(chunked(range(len(queries)), config.part_size))
+    remote = parts.distributed and rescore is None and hasattr(ranker, "build")
+    jobs = [
+        ListPart(
+            ranker if remote or not hasattr(ranker, "build") else ranker.build(),
+            str(writer.path),
+            part,
+            queries["query_id"].iloc[list(members)].tolist(),
+            queries["text"].iloc[list(members)].tolist(),
+            queries["doc_id"].iloc[list(members)].tolist(),
+            config,
+            corpus.ids if not remote else None,
+            rescore,
+            corpus.texts() if rescore is not None else None,
+        )
+        for part, members in chunks
+        if not writer.has_part(part)
+    ]
+    progress = resumed_progress(progress, len(chunks) - len(jobs), len(chunks))
+    (parts if remote else LOCAL).run("candidate lists", jobs, progress)
     return writer.commit(empty_schema=LISTS_SCHEMA, queries=len(queries), width=config.top + config.sampled)
+
+
+@dataclass(frozen=True)
+class ListPart:
+    """One part of the lists stage: the teacher ranks the part's queries against the whole corpus,
+    each keeps its best and sampled candidates (with the teacher's scores, or ``rescore``'s), and the
+    part is written. ``ranker`` is the teacher, or a spec a worker builds it from (with the corpus's
+    ids from the workspace). Does nothing when the part exists."""
+
+    ranker: Any
+    stage_dir: str
+    index: int
+    query_ids: list[str]
+    texts: list[str]
+    sources: list[str]
+    config: ListConfig
+    doc_ids: list[str] | None = None  # None: read from the teacher's corpus-texts stage
+    rescore: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None
+    passages: list[str] | None = None
+
+    def __call__(self) -> None:
+        from pathlib import Path
+
+        from tasks.core.store import part_name, write_parquet_atomic
+
+        target = Path(self.stage_dir) / part_name(self.index)
+        if target.is_file():
+            return
+        ranker = self.ranker.build() if hasattr(self.ranker, "build") else self.ranker
+        doc_ids = self.doc_ids if self.doc_ids is not None else self.ranker.corpus.ids()
+        row_of = {d: i for i, d in enumerate(doc_ids)}
+        config = self.config
+        rng = np.random.default_rng([config.seed, self.index])
+        rows = np.array(ranker.rank_rows(self.texts), dtype=np.float32)
+        if not config.include_source:
+            rows[np.arange(len(rows)), [row_of[d] for d in self.sources]] = -np.inf
+        positions, scores = choose_candidates(rows, config.top, config.sampled, rng)
+        if self.rescore is not None:
+            pairs_q = [q for q in self.texts for _ in range(positions.shape[1])]
+            pairs_p = [self.passages[p] for p in positions.reshape(-1)]
+            scores = np.asarray(self.rescore(pairs_q, pairs_p), dtype=np.float32).reshape(positions.shape)
+        table = pa.Table.from_pydict(
+            {
+                "query_id": self.query_ids,
+                "doc_ids": [[doc_ids[p] for p in row] for row in positions],
+                "scores": [row.tolist() for row in scores],
+            },
+            schema=LISTS_SCHEMA,
+        )
+        write_parquet_atomic(target, table)

@@ -16,16 +16,28 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.corpus import Corpus
 from tasks.core.embeddings import load_embeddings
 from tasks.core.index import ann_index
-from tasks.core.store import StageRef, Store, chunked, selection_digest, stage_key
+from tasks.core.parts import LOCAL, PartRunner, resumed_progress
+from tasks.core.store import (
+    StageRef,
+    Store,
+    chunked,
+    part_name,
+    selection_digest,
+    stage_key,
+    write_parquet_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +76,9 @@ class MineConfig(BaseModel):
     ivf_nprobe: int = Field(16, ge=1, description="IVF lists visited per search")
     batch_size: int = Field(64, ge=1, description="encoding batch size")
     max_seq_length: int = Field(256, ge=8, le=8192, description="tokens kept per passage when encoding")
-    part_size: int = Field(2048, ge=1, description="queries (or documents, for embeddings) per stored part")
+    part_size: int = Field(
+        2048, ge=1, description="queries per stored part (the unit of crash recovery and of a worker's task)"
+    )
     seed: int = Field(13, description="random seed for sampling negatives")
 
 
@@ -132,8 +146,15 @@ def mine_stage(
     *,
     bm25: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    parts: PartRunner = LOCAL,
+    shared: MineInputs | None = None,
 ) -> StageRef:
-    """Negatives for the given queries (a subset of a queries stage), stored in resumable parts."""
+    """Negatives for the given queries (a subset of a queries stage), stored in resumable parts.
+
+    Each unfinished part is a job (:class:`MinePart`); with a distributed ``parts`` runner and
+    ``shared`` (what a worker rebuilds the embeddings, index, BM25 and query encoder from) the jobs
+    run on the workers, else here.
+    """
     selection = selection_digest(query_ids)
     key = stage_key(
         "negatives",
@@ -146,8 +167,6 @@ def mine_stage(
     queries = (
         store.read_pandas("queries", queries_ref.key).set_index("query_id").loc[list(query_ids)].reset_index()
     )
-    doc_ids, _, doc_embeddings = load_embeddings(store, embeddings_ref)
-    index = ann_index(doc_embeddings, config)
     writer = store.open(
         "negatives",
         key,
@@ -155,14 +174,94 @@ def mine_stage(
         inputs=[queries_ref.key, embeddings_ref.key],
         models=[cache.fingerprint],
     )
-    parts = list(chunked(range(len(queries)), config.part_size))
-    for part, rows in parts:
-        if not writer.has_part(part):
-            block = queries.iloc[list(rows)]
-            vectors = cache.embed(block["text"].tolist(), desc="encoding queries")
-            writer.write_part(
-                part, mine_negatives(block, doc_ids, doc_embeddings, vectors, index, config, bm25=bm25)
-            )
-        if progress:
-            progress(part + 1, len(parts))
-    return writer.commit(empty_schema=NEGATIVES_SCHEMA, queries=len(queries), index=type(index).__name__)
+    chunks = list(chunked(range(len(queries)), config.part_size))
+    todo = [(part, rows) for part, rows in chunks if not writer.has_part(part)]
+    remote = parts.distributed and shared is not None
+    inputs: Any = shared
+    if todo and not remote:  # the flow's own objects (loaded only when there is work)
+        doc_ids, _, doc_embeddings = load_embeddings(store, embeddings_ref)
+        inputs = LocalMineInputs(doc_ids, doc_embeddings, ann_index(doc_embeddings, config), bm25, cache)
+    jobs = [
+        MinePart(
+            inputs,
+            str(writer.path),
+            part,
+            queries["query_id"].iloc[list(rows)].tolist(),
+            queries["doc_id"].iloc[list(rows)].tolist(),
+            queries["text"].iloc[list(rows)].tolist(),
+            config,
+        )
+        for part, rows in todo
+    ]
+    progress = resumed_progress(progress, len(chunks) - len(jobs), len(chunks))
+    (parts if remote else LOCAL).run("mine negatives", jobs, progress)
+    return writer.commit(
+        empty_schema=NEGATIVES_SCHEMA, queries=len(queries), index=_index_kind(config, corpus, inputs)
+    )
+
+
+def _index_kind(config: MineConfig, corpus: Corpus, inputs: Any) -> str:
+    """The FAISS index class the parts searched (as ``ann_index`` chooses it for this corpus)."""
+    if isinstance(inputs, LocalMineInputs):
+        return type(inputs.index).__name__
+    kind = (
+        config.index
+        if config.index != "auto"
+        else ("exact" if len(corpus) <= config.exact_max_docs else "hnsw")
+    )
+    return {"exact": "IndexFlatIP", "hnsw": "IndexHNSWFlat", "ivf": "IndexIVFFlat"}[kind]
+
+
+@dataclass(frozen=True)
+class LocalMineInputs:
+    """What mining needs, as the flow holds it."""
+
+    doc_ids: list[str]
+    doc_embeddings: np.ndarray
+    index: Any
+    bm25: Any
+    cache: Any
+
+    def get(self, config: MineConfig) -> LocalMineInputs:
+        return self
+
+
+@dataclass(frozen=True)
+class MineInputs:
+    """What mining needs, as a worker rebuilds it (once per process) from the shared workspace:
+    the embeddings stage and its FAISS index, the corpus's BM25 index, the query encoder's cache."""
+
+    embeddings: Any  # tasks.text.shared.SharedEmbeddings
+    corpus: Any  # tasks.text.shared.SharedCorpus
+    cache: Any  # tasks.core.embeddings.CacheSpec
+
+    def get(self, config: MineConfig) -> LocalMineInputs:
+        doc_ids, vectors = self.embeddings.load()
+        bm25 = self.corpus.bm25() if "bm25" in config.retrievers else None
+        return LocalMineInputs(doc_ids, vectors, self.embeddings.index(config), bm25, self.cache.build())
+
+
+@dataclass(frozen=True)
+class MinePart:
+    """One part of the negatives stage: encode the part's queries, search, sample, write the part.
+    Does nothing when the part exists."""
+
+    inputs: Any  # LocalMineInputs or MineInputs
+    stage_dir: str
+    index: int
+    query_ids: list[str]
+    sources: list[str]  # the document each query was made from
+    texts: list[str]
+    config: MineConfig
+
+    def __call__(self) -> None:
+        target = Path(self.stage_dir) / part_name(self.index)
+        if target.is_file():
+            return
+        got = self.inputs.get(self.config)
+        block = pd.DataFrame({"query_id": self.query_ids, "doc_id": self.sources, "text": self.texts})
+        vectors = got.cache.embed(self.texts, desc="encoding queries")
+        table = mine_negatives(
+            block, got.doc_ids, got.doc_embeddings, vectors, got.index, self.config, bm25=got.bm25
+        )
+        write_parquet_atomic(target, table)

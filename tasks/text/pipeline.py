@@ -35,10 +35,17 @@ from tasks.core.store import StageRef, Store, stage_key
 from tasks.core.timing import Stopwatch
 from tasks.text.fusion import Probes, WeightChoice, choose_weight, make_probes, probe_rows
 from tasks.text.lists import ListConfig, list_stage
-from tasks.text.negatives import MineConfig, mine_stage
+from tasks.text.negatives import MineConfig, MineInputs, mine_stage
 from tasks.text.pseudo_labels import LabelConfig, label_stage, positive_passage
 from tasks.text.queries import OFFLINE, OfflineGenerator, QGenConfig, generate_queries
-from tasks.text.teachers import CrossEncoderTeacher, OfflineTeacher, source_ranker
+from tasks.text.shared import SharedCorpus, SharedEmbeddings, corpus_texts_stage
+from tasks.text.teachers import (
+    CrossEncoderSpec,
+    CrossEncoderTeacher,
+    OfflineTeacher,
+    TeacherSpec,
+    source_ranker,
+)
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], Callable[[int, int], None] | None]
@@ -84,7 +91,7 @@ class LabelPipeline:
         and ``heldout_fraction`` (the documents whose queries are never trained on: the probes of the
         BM25 weight come from them). ``cache`` encodes documents; ``query_cache`` queries (default: the
         same model; another one when a version adapted only its query side). ``parts`` runs the
-        parts of corpus encoding and query generation (default: here, one after another)."""
+        parts of every per-part stage (default: here, one after another)."""
         self.corpus, self.cache, self.store, self.fingerprint = corpus, cache, store, fingerprint
         self.query_cache = query_cache or cache
         self.heldout_fraction: float = settings.heldout_fraction
@@ -196,8 +203,9 @@ class LabelPipeline:
         )
         rank_of_source = None
         if filtered:
+            spec = self.teacher_spec()  # on a cluster, the workers filter with their own teacher
             rank_of_source = source_ranker(
-                self.offline_teacher, self.doc_embeddings[0], docs.ids, docs.texts()
+                spec or self.offline_teacher, None if spec else self.doc_embeddings[0], docs.ids, docs.texts()
             )
         began = time.time()
         ref = self.watch.run(
@@ -227,18 +235,56 @@ class LabelPipeline:
             queries[~queries["doc_id"].isin(probe_docs)], self.heldout_fraction, limit, seed=seed
         )
 
+    def _on_workers(self) -> bool:
+        """Whether the teacher's and the miner's parts go to the cluster: with a distributed runner,
+        when both encoders can be rebuilt on a worker (their caches have specs)."""
+        return (
+            self.parts.distributed
+            and getattr(self.query_cache, "spec", None) is not None
+            and getattr(self.cache, "spec", None) is not None
+        )
+
+    def shared_corpus(self) -> SharedCorpus:
+        """The corpus as workers read it (its texts written to the workspace once)."""
+        return SharedCorpus(str(self.store.workspace), corpus_texts_stage(self.store, self.corpus))
+
+    def shared_embeddings(self) -> SharedEmbeddings:
+        return SharedEmbeddings(str(self.store.workspace), self.embeddings_ref.key)
+
+    def teacher_spec(self) -> TeacherSpec | None:
+        """The offline teacher as workers build it (from the shared workspace), when its parts run on
+        the cluster; else None (the teacher stays in this process)."""
+        if not self._on_workers():
+            return None
+        return TeacherSpec(
+            self.shared_corpus(),
+            self.shared_embeddings(),
+            self.query_cache.spec,
+            self.cache.spec,
+            self.teacher_weight.weight,
+            self.label.pool,
+        )
+
     def teacher(self) -> tuple[Any, str]:
         """The configured teacher and its fingerprint (the offline one is keyed by its settings,
-        the corpus and the model whose embeddings it uses)."""
+        the corpus and the model whose embeddings it uses). On a cluster, a spec workers build it from."""
         if self.label.teacher == OFFLINE:
-            return self.offline_teacher, self.teacher_key()
-        teacher = CrossEncoderTeacher(
-            self.label.teacher, batch_size=self.label.batch_size, max_length=self.label.max_length
-        )
-        return teacher, teacher.resolved.fingerprint
+            return self.teacher_spec() or self.offline_teacher, self.teacher_key()
+        from tasks.core.models import resolve_model
+
+        settings = self._cross_encoder_settings()
+        fingerprint = resolve_model(self.label.teacher).fingerprint
+        if self.parts.distributed:
+            return CrossEncoderSpec(self.label.teacher, **settings), fingerprint
+        return CrossEncoderTeacher(self.label.teacher, **settings), fingerprint
+
+    def _cross_encoder_settings(self) -> dict[str, int]:
+        return {"batch_size": self.label.batch_size, "max_length": self.label.max_length}
 
     def labels(self, queries_ref: StageRef, train_ids: Sequence[str]) -> tuple[StageRef, pd.DataFrame]:
-        """Hard negatives for ``train_ids`` and the teacher's margins: (labels stage, labels table)."""
+        """Hard negatives for ``train_ids`` and the teacher's margins: (labels stage, labels table).
+        Both stages' parts run on the cluster when there is one (see :meth:`_on_workers`)."""
+        on_workers = self._on_workers()
         began = time.time()
         negatives_ref = self.watch.run(
             "mine negatives",
@@ -251,8 +297,14 @@ class LabelPipeline:
             self.embeddings_ref,
             self.query_cache,
             self.mine,
-            bm25=self.bm25,
+            bm25=None if on_workers else self.bm25,  # workers build their own
             progress=self.progress("mining (parts)"),
+            parts=self.parts,
+            shared=(
+                MineInputs(self.shared_embeddings(), self.shared_corpus(), self.query_cache.spec)
+                if on_workers
+                else None
+            ),
         )
         report_reuse("mine negatives", negatives_ref, began)
         teacher, fingerprint = self.teacher()
@@ -267,6 +319,8 @@ class LabelPipeline:
                 fingerprint,
                 self.label,
                 progress=self.progress("labelling (parts)"),
+                parts=self.parts,
+                shared_corpus=self.shared_corpus() if self.parts.distributed else None,
             )
             labels = self.store.read_pandas("labels", labels_ref.key)
             record["items"] = len(labels)
@@ -279,7 +333,11 @@ class LabelPipeline:
         """Candidate lists for ``train_ids`` scored by the configured teacher (the listwise method's
         labels): (lists stage, lists table)."""
         teacher, fingerprint = self.teacher()
-        rescore = None if teacher is self.offline_teacher else teacher.score
+        rescore = None
+        if self.label.teacher != OFFLINE:  # the offline teacher chooses, the cross-encoder scores: here
+            if isinstance(teacher, CrossEncoderSpec):
+                teacher = CrossEncoderTeacher(teacher.model_name, **self._cross_encoder_settings())
+            rescore, teacher = teacher.score, self.offline_teacher
         began = time.time()
         with self.watch.stage("candidate lists") as record:
             ref = list_stage(
@@ -287,11 +345,12 @@ class LabelPipeline:
                 queries_ref,
                 list(train_ids),
                 self.corpus,
-                self.offline_teacher,
+                teacher,
                 fingerprint,
                 config,
                 rescore=rescore,
                 progress=self.progress("candidate lists (parts)"),
+                parts=self.parts,
             )
             table = self.store.read_pandas("lists", ref.key)
             record["items"] = len(table)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -16,6 +18,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.core.defaults import DEFAULT_BM25_WEIGHT
+from tasks.core.parts import LOCAL, PartRunner, resumed_progress
 from tasks.text.teachers import OFFLINE
 
 log = logging.getLogger(__name__)
@@ -139,8 +142,16 @@ def label_stage(
     config: LabelConfig,
     *,
     progress: Callable[[int, int], None] | None = None,
+    parts: PartRunner = LOCAL,
+    shared_corpus: Any = None,
 ) -> Any:
-    """Teacher margins for every mined (query, positive, negative), stored in resumable parts."""
+    """Teacher margins for every mined (query, positive, negative), stored in resumable parts.
+
+    Each unfinished part is a job (:class:`LabelPart`). With a distributed ``parts`` runner, a
+    ``teacher`` that is a spec (it has ``build()``: :class:`tasks.text.teachers.TeacherSpec` or
+    ``CrossEncoderSpec``) and ``shared_corpus`` (:class:`tasks.text.shared.SharedCorpus`, the passages
+    a worker reads) the jobs run on the workers, else here.
+    """
     from tasks.core.store import chunked, stage_key
 
     settings = config.model_dump(mode="json")
@@ -151,7 +162,6 @@ def label_stage(
         return store.ref("labels", key)
     queries = store.read_pandas("queries", queries_ref.key).set_index("query_id")
     negatives = store.read("negatives", negatives_ref.key)
-    texts = dict(zip(corpus.ids, corpus.texts(), strict=True))
     writer = store.open(
         "labels",
         key,
@@ -159,20 +169,75 @@ def label_stage(
         inputs=[negatives_ref.key, queries_ref.key],
         models=[teacher_fingerprint],
     )
-    parts = list(chunked(range(negatives.num_rows), config.part_size))
-    for part, rows in parts:
-        if not writer.has_part(part):
-            block = negatives.slice(rows.start, len(rows))
-            writer.write_part(
+    chunks = list(chunked(range(negatives.num_rows), config.part_size))
+    todo = [(part, rows) for part, rows in chunks if not writer.has_part(part)]
+    remote = parts.distributed and hasattr(teacher, "build") and shared_corpus is not None
+    passages: Any = shared_corpus
+    if not remote:
+        teacher = teacher.build() if hasattr(teacher, "build") else teacher
+        passages = dict(zip(corpus.ids, corpus.texts(), strict=True)) if todo else None
+    jobs = []
+    for part, rows in todo:
+        block = negatives.slice(rows.start, len(rows))
+        ids = block.column("query_id").to_pylist()
+        own = queries.loc[ids]
+        jobs.append(
+            LabelPart(
+                teacher,
+                passages,
+                str(writer.path),
                 part,
-                label_triples(
-                    block,
-                    query_text=lambda q: queries.at[q, "text"],
-                    positive_text=lambda q: positive_passage(queries.loc[q], texts),
-                    doc_text=texts.__getitem__,
-                    teacher=teacher,
-                ),
+                block,
+                dict(zip(ids, own["text"], strict=True)),
+                {
+                    q: p if isinstance(p, str) and p else None
+                    for q, p in zip(ids, own["positive"], strict=True)
+                },
             )
-        if progress:
-            progress(part + 1, len(parts))
+        )
+    progress = resumed_progress(progress, len(chunks) - len(jobs), len(chunks))
+    (parts if remote else LOCAL).run("pseudo-labels", jobs, progress)
     return writer.commit(empty_schema=LABELS_SCHEMA, teacher=getattr(teacher, "name", "teacher"))
+
+
+@dataclass(frozen=True)
+class LabelPart:
+    """One part of the labels stage: the teacher scores each mined (query, positive) and (query,
+    negative) of the part, and the part is written. Does nothing when the part exists.
+
+    ``teacher`` is the teacher or a spec a worker builds it from; ``passages`` the corpus's texts by
+    id, or a :class:`tasks.text.shared.SharedCorpus` a worker reads them from. A query's positive is
+    its own ``positive`` passage when it has one (an inverse-cloze query), else its whole document.
+    """
+
+    teacher: Any
+    passages: Any
+    stage_dir: str
+    index: int
+    negatives: pa.Table
+    query_texts: dict[str, str]
+    positives: dict[str, str | None]
+
+    def __call__(self) -> None:
+        from tasks.core.store import part_name, write_parquet_atomic
+
+        target = Path(self.stage_dir) / part_name(self.index)
+        if target.is_file():
+            return
+        teacher = self.teacher.build() if hasattr(self.teacher, "build") else self.teacher
+        texts = self.passages.text_of() if hasattr(self.passages, "text_of") else self.passages
+        sources = dict(
+            zip(
+                self.negatives.column("query_id").to_pylist(),
+                self.negatives.column("pos_id").to_pylist(),
+                strict=True,
+            )
+        )
+        table = label_triples(
+            self.negatives,
+            query_text=self.query_texts.__getitem__,
+            positive_text=lambda q: self.positives[q] or texts[sources[q]],
+            doc_text=texts.__getitem__,
+            teacher=teacher,
+        )
+        write_parquet_atomic(target, table)

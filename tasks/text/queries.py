@@ -331,8 +331,8 @@ def generate_queries(
 
     ``rank_of_source(texts, positives, doc_positions)`` gives each query's rank of its source
     document under the teacher (0 = first); it is required when ``consistency_top_k`` is set. Each
-    unfinished part is a job for ``parts``; with the consistency filter the jobs run in this process
-    (the teacher's BM25 index and embeddings are not shipped to workers).
+    unfinished part is a job for ``parts``; with the consistency filter too when ``rank_of_source``
+    is portable (a :class:`tasks.text.teachers.SourceRanker` of a teacher spec), else they run here.
     """
     from tasks.core.store import chunked
 
@@ -344,9 +344,11 @@ def generate_queries(
     docs = corpus.docs
     chunks = list(chunked(range(len(docs)), config.part_size))
     todo = [(index, positions) for index, positions in chunks if not writer.has_part(index)]
-    remote = parts.distributed and rank_of_source is None
+    # the consistency filter's ranker goes to workers when it is portable (a SourceRanker whose
+    # teacher a worker builds from the workspace), one part's documents with each part
+    remote = parts.distributed and (rank_of_source is None or getattr(rank_of_source, "portable", False))
     if parts.distributed and not remote:
-        log.info("queries: the consistency filter needs the teacher; generating in the flow's process")
+        log.info("queries: the consistency filter's teacher stays here; generating in the flow's process")
     generator: Any = None
     if todo:  # built only when there is work: a finished stage loads no model
         if config.generator == OFFLINE:
@@ -365,7 +367,9 @@ def generate_queries(
             [docs["title"].iat[p] for p in positions],
             [docs["text"].iat[p] for p in positions],
             [int(p) for p in positions],
-            rank_of_source,
+            rank_of_source.for_part([int(p) for p in positions])
+            if remote and rank_of_source is not None
+            else rank_of_source,
         )
         for index, positions in todo
     ]

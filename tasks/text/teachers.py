@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tasks.core.hybrid import fuse, pool_stats
+from tasks.core.parts import built_once
 
 log = logging.getLogger(__name__)
 
@@ -96,31 +98,115 @@ class OfflineTeacher:
         return fuse(dense_rows, bm25_rows, self.weight, self.query_stats(queries))
 
 
+@dataclass(frozen=True)
+class TeacherSpec:
+    """How a worker process builds the same :class:`OfflineTeacher`: everything from the shared
+    workspace (the corpus, its embeddings; :mod:`tasks.text.shared`) and the caches' specs, once per
+    process. Its scores equal the flow's teacher's (the same BM25 statistics, embeddings and weight)."""
+
+    name = OFFLINE  # not a field: what the stages' manifests call the teacher
+    corpus: Any  # tasks.text.shared.SharedCorpus
+    embeddings: Any  # tasks.text.shared.SharedEmbeddings
+    query_cache: Any  # tasks.core.embeddings.CacheSpec
+    passage_cache: Any
+    weight: float
+    pool: int
+
+    def build(self) -> OfflineTeacher:
+        return built_once(("offline-teacher", self), self._build)
+
+    def _build(self) -> OfflineTeacher:
+        return OfflineTeacher(
+            self.corpus.bm25(),
+            self.query_cache.build(),
+            self.embeddings.load()[1],
+            bm25_weight=self.weight,
+            pool=self.pool,
+            passage_dense=self.passage_cache.build(),
+        )
+
+
+@dataclass(frozen=True)
+class CrossEncoderSpec:
+    """A cross-encoder teacher as a worker builds it (once per process): its name and settings."""
+
+    model_name: str
+    batch_size: int = 32
+    max_length: int = 350
+
+    @property
+    def name(self) -> str:
+        return self.model_name
+
+    def build(self) -> CrossEncoderTeacher:
+        return built_once(
+            ("cross-encoder", self),
+            lambda: CrossEncoderTeacher(
+                self.model_name, batch_size=self.batch_size, max_length=self.max_length
+            ),
+        )
+
+
 def source_ranker(
-    teacher: OfflineTeacher, index_ids: Sequence[str], source_ids: Sequence[str], source_texts: Sequence[str]
-):
+    teacher: Any, index_ids: Sequence[str] | None, source_ids: Sequence[str], source_texts: Sequence[str]
+) -> SourceRanker:
     """``rank_of_source`` for the consistency filter of tasks.text.queries: each query's rank of its source
     passage among every other document of the teacher's index (0 = first).
 
     ``source_ids``/``source_texts`` are the documents queries are generated for (positions in them
-    are what the generator passes); ``index_ids`` the teacher's document order. A query's own
-    positive (an inverse-cloze passage) is scored when given, else its whole source document.
+    are what the generator passes); ``index_ids`` the teacher's document order (None for a
+    :class:`TeacherSpec`: its corpus's). A query's own positive (an inverse-cloze passage) is scored
+    when given, else its whole source document.
     """
-    positions = {d: i for i, d in enumerate(index_ids)}
+    positions = {d: i for i, d in enumerate(index_ids)} if index_ids is not None else None
+    return SourceRanker(teacher, dict(enumerate(source_ids)), dict(enumerate(source_texts)), positions)
 
-    def rank_of_source(texts, positives, sources):
+
+@dataclass(frozen=True)
+class SourceRanker:
+    """The consistency filter's ranker (see :func:`source_ranker`). Picklable: :meth:`for_part` keeps
+    only a part's source documents, so a query-generation part ships its own documents and a
+    :class:`TeacherSpec` that a worker builds the teacher from."""
+
+    teacher: Any  # OfflineTeacher, or a TeacherSpec
+    source_ids: dict[int, str]  # by position among the documents queries are generated for
+    source_texts: dict[int, str]
+    index_positions: dict[str, int] | None = None  # None: from the spec's corpus
+
+    @property
+    def portable(self) -> bool:
+        """Whether a worker can run it: its teacher is a spec, not the flow's objects."""
+        return isinstance(self.teacher, TeacherSpec)
+
+    def for_part(self, positions: Sequence[int]) -> SourceRanker:
+        return SourceRanker(
+            self.teacher,
+            {p: self.source_ids[p] for p in positions},
+            {p: self.source_texts[p] for p in positions},
+            self.index_positions,
+        )
+
+    def __call__(
+        self, texts: Sequence[str], positives: Sequence[str | None], sources: Sequence[int]
+    ) -> list[int]:
+        teacher = self.teacher.build() if isinstance(self.teacher, TeacherSpec) else self.teacher
+        positions = self.index_positions
+        if positions is None:
+            corpus = self.teacher.corpus
+            positions = built_once(
+                ("index-positions", corpus), lambda: {d: i for i, d in enumerate(corpus.ids())}
+            )
         rows = teacher.rank_rows(texts)
         own = teacher.score(
-            texts, [p if p is not None else source_texts[s] for p, s in zip(positives, sources, strict=True)]
+            texts,
+            [p if p is not None else self.source_texts[s] for p, s in zip(positives, sources, strict=True)],
         )
         ranks = []
         for i, source in enumerate(sources):
             row = rows[i].copy()
-            row[positions[source_ids[source]]] = -np.inf
+            row[positions[self.source_ids[source]]] = -np.inf
             ranks.append(int((row > own[i]).sum()))
         return ranks
-
-    return rank_of_source
 
 
 class CrossEncoderTeacher:
