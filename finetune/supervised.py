@@ -69,7 +69,9 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(
-        "all-MiniLM-L6-v2", description="base model: a local directory, a bundled name or a hub id"
+        "all-MiniLM-L6-v2",
+        description="base model: a local directory, a bundled name or a hub id; over a corpus also a "
+        "registry version of `adapt text` (its query side trained on, its documents kept)",
     )
     loss: Literal["auto", *LOSSES] = Field(  # type: ignore[valid-type]
         "auto",

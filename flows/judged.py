@@ -78,7 +78,7 @@ def run_judged(config: Any, logger: Any) -> dict:
     from tasks.core.embeddings import EmbeddingCache, cache_for
     from tasks.core.evaluation import evaluate_modes, identical_ids, served_mode
     from tasks.core.models import load_sentence_transformer, resolve_model
-    from tasks.core.registry import Registry
+    from tasks.core.registry import Registry, document_model_of
     from tasks.core.report import publish_markdown
     from tasks.core.store import Store
     from tasks.core.timing import Stopwatch
@@ -91,19 +91,29 @@ def run_judged(config: Any, logger: Any) -> dict:
     progress = progress_reporter(logger)
     corpus, judged, eval_data, eval_note, notes = _read_inputs(config, watch, logger)
     start = resolve_model(config.model)
-    encoder = load_sentence_transformer(start)
+    # a version `adapt text` adapted only on its query side (--model pointing at it) keeps serving
+    # documents with its document model: the documents, the offline teacher and the store keys are
+    # that model's (so `adapt text`'s lists are read, not made again); training starts from `start`
+    kept = document_model_of(start.path)
+    documents = resolve_model(kept) if kept else start
+    if documents.path != start.path:
+        logger.info("starting model %s serves documents with %s", start.path, documents.path)
+    encoder = load_sentence_transformer(documents)
     stages = _text_stages(config)
     cache = EmbeddingCache(
         config.workspace,
         encoder,
-        start.fingerprint,
+        documents.fingerprint,
         max_seq_length=stages.mine.max_seq_length,
         batch_size=stages.mine.batch_size,
     )
-    pipeline = LabelPipeline(corpus, cache, store, start.fingerprint, stages, watch=watch, progress=progress)
+    pipeline = LabelPipeline(
+        corpus, cache, store, documents.fingerprint, stages, watch=watch, progress=progress
+    )
     logger.info("offline teacher: %s", pipeline.teacher_weight.describe())
     length = config.eval_max_seq_length
-    docs = cache_for(start, config.workspace, max_seq_length=length, reuse=cache)
+    docs = cache_for(documents, config.workspace, max_seq_length=length, reuse=cache)
+    before_queries = cache_for(start, config.workspace, max_seq_length=length, reuse=docs)
 
     # --- candidate lists: the judged queries' (teacher's top + judged documents), then the pseudo ones
     doc_ids, doc_vectors = pipeline.doc_embeddings
@@ -147,6 +157,16 @@ def run_judged(config: Any, logger: Any) -> dict:
     )
 
     # --- evaluate before/after over the whole corpus, dense and hybrid
+    before_weight = pipeline.teacher_weight.weight
+    if documents.path != start.path:  # the starting version's queries get a hybrid weight of their own
+        with watch.stage("choose bm25 weight before") as record:
+            choice = pipeline.choose_bm25_weight(
+                cache_for(
+                    start, config.workspace, max_seq_length=stages.mine.max_seq_length, reuse=before_queries
+                )
+            )
+            record["items"] = choice.probes
+        before_weight = choice.weight
     trained_model = resolve_model(str(result.model_dir))
     after_queries = cache_for(trained_model, config.workspace, max_seq_length=length)
     with watch.stage("choose bm25 weight after") as record:
@@ -166,7 +186,7 @@ def run_judged(config: Any, logger: Any) -> dict:
         pipeline.bm25,
         exclude,
         pool=config.label.pool,
-        before=(docs, docs, pipeline.teacher_weight.weight, f"before: {config.model}"),
+        before=(before_queries, docs, before_weight, f"before: {config.model}"),
         after=(after_queries, docs, weight_after.weight, "after: fine-tuned"),
         progress=progress,
     )
@@ -188,8 +208,8 @@ def run_judged(config: Any, logger: Any) -> dict:
         "metrics_after": evaluation["dense"][1].metrics,
         "metrics_before_hybrid": evaluation["hybrid"][0].metrics,
         "metrics_after_hybrid": evaluation["hybrid"][1].metrics,
-        "document_model": str(start.path),
-        "document_fingerprint": start.fingerprint,
+        "document_model": str(documents.path),
+        "document_fingerprint": documents.fingerprint,
         "kind": "sentence-transformer",
     }
     decision = registry.register_and_gate(

@@ -210,6 +210,19 @@ def test_judged_queries_train_evaluate_and_gate_then_mix_in_adapt_texts_lists(
     assert second["rows"]["pseudo"] == 32 and second["version"] != report["version"]
     assert "with pseudo-labels" in second["loss"]
 
+    # starting from adapt text's version: its query side trains on, its documents stay the base's
+    # (the same embeddings and store keys: nothing labelled again)
+    version = registry.versions("text-retriever")[-1]
+    adapted = registry.path("text-retriever", version)
+    assert registry.document_model("text-retriever", version) == str(tiny_bi_encoder)  # query side only
+    embeddings_before = store.keys("embeddings")
+    assert main(_supervised_args(judged_beir, workspace, adapted, *mixed)) == 0
+    assert store.keys("lists") == lists_before and store.keys("embeddings") == embeddings_before
+    on_top = json.loads(sorted((workspace / "reports").glob("supervised-*.json"))[-1].read_text())
+    on_top_card = registry.card("supervised", on_top["version"])
+    assert on_top_card["document_model"] == str(tiny_bi_encoder)
+    assert on_top_card["start_model"] == str(adapted) and on_top["rows"]["pseudo"] == 32
+
     # a search over the loss mix, the share of pseudo-labels and the learning rate, then the best refit
     capsys.readouterr()
     search = [*mixed, "--search", "2", "--search-validation-fraction", "0.25"]

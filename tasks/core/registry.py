@@ -29,6 +29,16 @@ _VERSION_RE = re.compile(r"^v(\d{4,})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def document_model_of(model_dir: str | Path) -> str | None:
+    """The model that encodes the documents of a registry version's directory, when the version
+    adapted only its query side (its card says which model kept the document side); None for any
+    other model (a plain model directory, a version that trained both sides, a hub name)."""
+    card = Path(model_dir) / CARD
+    if not card.is_file():
+        return None
+    return json.loads(card.read_text()).get("document_model")
+
+
 class RegistryError(RuntimeError):
     """A registry request that cannot be done (unknown name or version, nothing to roll back to)."""
 
@@ -84,7 +94,7 @@ class Registry:
     def document_model(self, name: str, version: str | None = None) -> str:
         """Directory of the model that encodes a version's documents: the version itself, or for a
         version that adapted only its query side, the one whose document side it kept (its card says)."""
-        return self.card(name, version).get("document_model") or str(self.path(name, version))
+        return document_model_of(self.path(name, version)) or str(self.path(name, version))
 
     def current(self, name: str) -> str | None:
         pointer = self.root / name / "current"
