@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.core.corpus import Corpus
 from tasks.core.parts import LOCAL, PartRunner, resumed_progress
 from tasks.core.store import StageRef, Store, chunked, selection_digest, stage_key
+from tasks.text.teachers import TeacherSpec, built
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,10 @@ def list_stage(
         "lists", key, config=settings, inputs=[queries_ref.key, corpus.key], models=[fingerprint]
     )
     chunks = list(chunked(range(len(queries)), config.part_size))
-    remote = parts.distributed and rescore is None and hasattr(ranker, "build")
+    remote = parts.distributed and rescore is None and isinstance(ranker, TeacherSpec)
     jobs = [
         ListPart(
-            ranker if remote or not hasattr(ranker, "build") else ranker.build(),
+            ranker if remote else built(ranker),
             str(writer.path),
             part,
             queries["query_id"].iloc[list(members)].tolist(),
@@ -152,7 +153,7 @@ class ListPart:
         target = Path(self.stage_dir) / part_name(self.index)
         if target.is_file():
             return
-        ranker = self.ranker.build() if hasattr(self.ranker, "build") else self.ranker
+        ranker = built(self.ranker)
         doc_ids = self.doc_ids if self.doc_ids is not None else self.ranker.corpus.ids()
         row_of = {d: i for i, d in enumerate(doc_ids)}
         config = self.config

@@ -44,6 +44,7 @@ from tasks.text.teachers import (
     CrossEncoderTeacher,
     OfflineTeacher,
     TeacherSpec,
+    built,
     source_ranker,
 )
 
@@ -272,14 +273,11 @@ class LabelPipeline:
             return self.teacher_spec() or self.offline_teacher, self.teacher_key()
         from tasks.core.models import resolve_model
 
-        settings = self._cross_encoder_settings()
+        settings = {"batch_size": self.label.batch_size, "max_length": self.label.max_length}
         fingerprint = resolve_model(self.label.teacher).fingerprint
         if self.parts.distributed:
             return CrossEncoderSpec(self.label.teacher, **settings), fingerprint
         return CrossEncoderTeacher(self.label.teacher, **settings), fingerprint
-
-    def _cross_encoder_settings(self) -> dict[str, int]:
-        return {"batch_size": self.label.batch_size, "max_length": self.label.max_length}
 
     def labels(self, queries_ref: StageRef, train_ids: Sequence[str]) -> tuple[StageRef, pd.DataFrame]:
         """Hard negatives for ``train_ids`` and the teacher's margins: (labels stage, labels table).
@@ -335,9 +333,7 @@ class LabelPipeline:
         teacher, fingerprint = self.teacher()
         rescore = None
         if self.label.teacher != OFFLINE:  # the offline teacher chooses, the cross-encoder scores: here
-            if isinstance(teacher, CrossEncoderSpec):
-                teacher = CrossEncoderTeacher(teacher.model_name, **self._cross_encoder_settings())
-            rescore, teacher = teacher.score, self.offline_teacher
+            rescore, teacher = built(teacher).score, self.offline_teacher
         began = time.time()
         with self.watch.stage("candidate lists") as record:
             ref = list_stage(

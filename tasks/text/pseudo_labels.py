@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.core.defaults import DEFAULT_BM25_WEIGHT
 from tasks.core.parts import LOCAL, PartRunner, resumed_progress
-from tasks.text.teachers import OFFLINE
+from tasks.text.teachers import OFFLINE, TEACHER_SPECS, built
 
 log = logging.getLogger(__name__)
 
@@ -171,30 +172,16 @@ def label_stage(
     )
     chunks = list(chunked(range(negatives.num_rows), config.part_size))
     todo = [(part, rows) for part, rows in chunks if not writer.has_part(part)]
-    remote = parts.distributed and hasattr(teacher, "build") and shared_corpus is not None
+    remote = parts.distributed and isinstance(teacher, TEACHER_SPECS) and shared_corpus is not None
     passages: Any = shared_corpus
     if not remote:
-        teacher = teacher.build() if hasattr(teacher, "build") else teacher
+        teacher = built(teacher)
         passages = dict(zip(corpus.ids, corpus.texts(), strict=True)) if todo else None
     jobs = []
     for part, rows in todo:
         block = negatives.slice(rows.start, len(rows))
-        ids = block.column("query_id").to_pylist()
-        own = queries.loc[ids]
-        jobs.append(
-            LabelPart(
-                teacher,
-                passages,
-                str(writer.path),
-                part,
-                block,
-                dict(zip(ids, own["text"], strict=True)),
-                {
-                    q: p if isinstance(p, str) and p else None
-                    for q, p in zip(ids, own["positive"], strict=True)
-                },
-            )
-        )
+        own = queries.loc[list(dict.fromkeys(block.column("query_id").to_pylist()))]
+        jobs.append(LabelPart(teacher, passages, str(writer.path), part, block, own))
     progress = resumed_progress(progress, len(chunks) - len(jobs), len(chunks))
     (parts if remote else LOCAL).run("pseudo-labels", jobs, progress)
     return writer.commit(empty_schema=LABELS_SCHEMA, teacher=getattr(teacher, "name", "teacher"))
@@ -206,8 +193,8 @@ class LabelPart:
     negative) of the part, and the part is written. Does nothing when the part exists.
 
     ``teacher`` is the teacher or a spec a worker builds it from; ``passages`` the corpus's texts by
-    id, or a :class:`tasks.text.shared.SharedCorpus` a worker reads them from. A query's positive is
-    its own ``positive`` passage when it has one (an inverse-cloze query), else its whole document.
+    id, or a :class:`tasks.text.shared.SharedCorpus` a worker reads them from; ``queries`` the part's
+    rows of the queries stage, by query id (a query's positive: :func:`positive_passage`).
     """
 
     teacher: Any
@@ -215,8 +202,7 @@ class LabelPart:
     stage_dir: str
     index: int
     negatives: pa.Table
-    query_texts: dict[str, str]
-    positives: dict[str, str | None]
+    queries: pd.DataFrame
 
     def __call__(self) -> None:
         from tasks.core.store import part_name, write_parquet_atomic
@@ -224,19 +210,12 @@ class LabelPart:
         target = Path(self.stage_dir) / part_name(self.index)
         if target.is_file():
             return
-        teacher = self.teacher.build() if hasattr(self.teacher, "build") else self.teacher
+        teacher = built(self.teacher)
         texts = self.passages.text_of() if hasattr(self.passages, "text_of") else self.passages
-        sources = dict(
-            zip(
-                self.negatives.column("query_id").to_pylist(),
-                self.negatives.column("pos_id").to_pylist(),
-                strict=True,
-            )
-        )
         table = label_triples(
             self.negatives,
-            query_text=self.query_texts.__getitem__,
-            positive_text=lambda q: self.positives[q] or texts[sources[q]],
+            query_text=lambda q: self.queries.at[q, "text"],
+            positive_text=lambda q: positive_passage(self.queries.loc[q], texts),
             doc_text=texts.__getitem__,
             teacher=teacher,
         )

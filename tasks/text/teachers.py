@@ -147,6 +147,14 @@ class CrossEncoderSpec:
         )
 
 
+TEACHER_SPECS = (TeacherSpec, CrossEncoderSpec)
+
+
+def built(teacher: Any) -> Any:
+    """The teacher itself, or the one a spec (:data:`TEACHER_SPECS`) builds in this process (once)."""
+    return teacher.build() if isinstance(teacher, TEACHER_SPECS) else teacher
+
+
 def source_ranker(
     teacher: Any, index_ids: Sequence[str] | None, source_ids: Sequence[str], source_texts: Sequence[str]
 ) -> SourceRanker:
@@ -189,7 +197,7 @@ class SourceRanker:
     def __call__(
         self, texts: Sequence[str], positives: Sequence[str | None], sources: Sequence[int]
     ) -> list[int]:
-        teacher = self.teacher.build() if isinstance(self.teacher, TeacherSpec) else self.teacher
+        teacher = built(self.teacher)
         positions = self.index_positions
         if positions is None:
             corpus = self.teacher.corpus
