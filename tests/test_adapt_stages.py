@@ -225,7 +225,7 @@ def _queries_frame(corpus, n=12):
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw", "ivf"])
 def test_mined_negatives_exclude_the_positive_and_come_from_the_rank_window(small_corpus, tiny_cache, kind):
-    from tasks.core.index import ann_index
+    from tasks.core.index import INDEX_CLASSES, ann_index, index_kind
     from tasks.text.negatives import MineConfig, mine_negatives
 
     doc_vectors = tiny_cache.embed(small_corpus.texts())
@@ -233,6 +233,8 @@ def test_mined_negatives_exclude_the_positive_and_come_from_the_rank_window(smal
     query_vectors = tiny_cache.embed(queries["text"].tolist())
     config = MineConfig(retrievers=["dense"], candidates=6, rank_min=1, num_negatives=3, index=kind)
     index = ann_index(doc_vectors, config)
+    # the name a mining stage's manifest records without building the index (on a cluster)
+    assert type(index).__name__ == INDEX_CLASSES[index_kind(len(doc_vectors), config)]
     table = mine_negatives(queries, small_corpus.ids, doc_vectors, query_vectors, index, config)
     assert table.num_rows == len(queries)
     for row, record in enumerate(table.to_pylist()):

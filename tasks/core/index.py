@@ -69,15 +69,24 @@ def search_index(
     return run
 
 
+INDEX_CLASSES = {"exact": "IndexFlatIP", "hnsw": "IndexHNSWFlat", "ivf": "IndexIVFFlat"}
+
+
+def index_kind(n: int, config: Any) -> str:
+    """The index :func:`ann_index` builds over ``n`` documents: ``config.index``, or for ``auto``
+    exact up to ``config.exact_max_docs`` documents and HNSW above."""
+    if config.index != "auto":
+        return config.index
+    return "exact" if n <= config.exact_max_docs else "hnsw"
+
+
 def ann_index(embeddings: np.ndarray, config: Any):
     """A FAISS inner-product index of the embeddings (exact, HNSW or IVF, as ``config.index`` says;
     ``config`` is a :class:`tasks.text.negatives.MineConfig` or anything with its index fields)."""
     import faiss
 
     n, dim = embeddings.shape
-    kind = config.index
-    if kind == "auto":
-        kind = "exact" if n <= config.exact_max_docs else "hnsw"
+    kind = index_kind(n, config)
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
     if kind == "exact":
         index = faiss.IndexFlatIP(dim)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.corpus import Corpus
 from tasks.core.embeddings import load_embeddings
-from tasks.core.index import ann_index
+from tasks.core.index import INDEX_CLASSES, ann_index, index_kind
 from tasks.core.parts import LOCAL, PartRunner, resumed_progress
 from tasks.core.store import (
     StageRef,
@@ -195,21 +195,8 @@ def mine_stage(
     ]
     progress = resumed_progress(progress, len(chunks) - len(jobs), len(chunks))
     (parts if remote else LOCAL).run("mine negatives", jobs, progress)
-    return writer.commit(
-        empty_schema=NEGATIVES_SCHEMA, queries=len(queries), index=_index_kind(config, corpus, inputs)
-    )
-
-
-def _index_kind(config: MineConfig, corpus: Corpus, inputs: Any) -> str:
-    """The FAISS index class the parts searched (as ``ann_index`` chooses it for this corpus)."""
-    if isinstance(inputs, LocalMineInputs):
-        return type(inputs.index).__name__
-    kind = (
-        config.index
-        if config.index != "auto"
-        else ("exact" if len(corpus) <= config.exact_max_docs else "hnsw")
-    )
-    return {"exact": "IndexFlatIP", "hnsw": "IndexHNSWFlat", "ivf": "IndexIVFFlat"}[kind]
+    index = INDEX_CLASSES[index_kind(len(corpus), config)]  # the FAISS index the parts searched
+    return writer.commit(empty_schema=NEGATIVES_SCHEMA, queries=len(queries), index=index)
 
 
 @dataclass(frozen=True)
