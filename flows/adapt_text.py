@@ -216,7 +216,7 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
 
     # --- 1. corpus embeddings, queries (and below, candidate lists): the per-part stages, on a Dask
     # cluster with task_runner dask (open until the lists are done)
-    with contextlib.ExitStack() as engine:  # closed by the training step once its lists are done
+    with contextlib.ExitStack() as engine:  # closed by the training step (leave_cluster)
         parts = engine.enter_context(part_runner(config, config.workspace))
         pipeline = LabelPipeline(
             corpus,
@@ -230,6 +230,11 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
             parts=parts,
         )
         logger.info("offline teacher: %s", pipeline.teacher_weight.describe())
+
+        def leave_cluster() -> None:  # the training step calls it once its labels are stored
+            engine.close()
+            pipeline.parts = LOCAL
+
         queries_ref, queries = pipeline.queries()
         manifest = queries_ref.manifest
         logger.info("queries: %d kept of %d generated", len(queries), manifest.get("generated", len(queries)))
@@ -259,9 +264,8 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
 
         # --- 2.-4. labels and training
         trained_run = (_train_listwise if config.method == "listwise" else _train_marginmse)(
-            config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch, engine
+            config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch, leave_cluster
         )
-    pipeline.parts = LOCAL
     result, labels_key = trained_run["result"], trained_run["labels_key"]
 
     # --- 5. evaluate before/after (dense and hybrid), register and gate
@@ -376,15 +380,14 @@ def adapt_text_flow(config: AdaptTextConfig) -> dict:
 
 
 def _train_listwise(
-    config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch, engine
+    config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch, leave_cluster
 ) -> dict:
     """Candidate lists for the training queries (on the cluster, if any, which closes then), then
     listwise training of the query side."""
     from finetune.listwise import CandidateLists
 
     lists_ref, table = pipeline.lists(queries_ref, train_ids, config.lists)
-    engine.close()
-    pipeline.parts = LOCAL
+    leave_cluster()
     doc_ids, doc_vectors = pipeline.doc_embeddings
     row_of = {d: i for i, d in enumerate(doc_ids)}
     lists = CandidateLists.from_table(
@@ -405,7 +408,7 @@ def _train_listwise(
 
 
 def _train_marginmse(
-    config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch, engine
+    config, pipeline, queries_ref, queries, train_ids, start, query_cache, watch, leave_cluster
 ) -> dict:
     """Negatives and margins for the training queries (on the cluster, if any, which closes then),
     then MarginMSE on both sides (GPL)."""
@@ -414,8 +417,7 @@ def _train_marginmse(
     from tasks.text.pipeline import training_table
 
     labels_ref, labels = pipeline.labels(queries_ref, train_ids)
-    engine.close()
-    pipeline.parts = LOCAL
+    leave_cluster()
     rows = TrainingRows.from_table(training_table(labels, queries, pipeline.corpus))
     key = stage_key("train", config.train.key_settings(), inputs=[labels_ref.key], models=[start.fingerprint])
     result = watch.run(
